@@ -1,0 +1,123 @@
+"""RiskEvent: the alert pathwatch emits, as a JSON object shaped like a Splunk RBA risk event.
+
+The id is a pure function of (rule id, key, first minute of the key in the window): evaluating
+the same data again, after a crash or through the API, yields the same id, which is what lets
+receivers deduplicate deliveries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pathwatch.clock import MINUTE_MS
+from pathwatch.engine.evaluate import Finding
+from pathwatch.rules.model import HOST_FIELD, Rule
+
+_TOKEN = re.compile(r"\$([A-Za-z0-9_.]+)\$")
+
+
+def rfc3339(ms: int) -> str:
+    """UTC RFC 3339 with millisecond precision when the instant has any."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    if ms % 1000:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> int:
+    """Unix ms from an RFC 3339 time with an explicit offset or Z. Raises ValueError."""
+    value = text.strip()
+    if not value:
+        raise ValueError("empty time")
+    dt = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError(f"time {text!r} has no UTC offset (append Z for UTC)")
+    return int(dt.timestamp() * 1000)
+
+
+def alert_id(rule_id: str, key: tuple[str, ...], first_minute: int) -> str:
+    h = hashlib.sha256()
+    h.update(rule_id.encode())
+    for part in key:
+        h.update(b"\x00")
+        h.update(part.encode("utf-8", "surrogatepass"))
+    h.update(b"\x00\x00")
+    h.update(str(first_minute).encode())
+    return h.hexdigest()[:32]
+
+
+def _field_name(name: str) -> str:
+    return "host" if name == HOST_FIELD else name
+
+
+def render_message(template: str, fields: dict[str, str]) -> str:
+    return _TOKEN.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
+
+
+@dataclass(frozen=True, slots=True)
+class RiskEvent:
+    """One alert. `body` is the JSON object sinks deliver."""
+
+    id: str
+    rule_id: str
+    time_ms: int
+    risk_score: int
+    body: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(self.body, separators=(",", ":"), sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RiskEvent:
+        body = json.loads(text)
+        return cls(
+            id=body["id"],
+            rule_id=body["rule"]["id"],
+            time_ms=parse_rfc3339(body["time"]),
+            risk_score=int(body["risk_score"]),
+            body=body,
+        )
+
+
+def rule_annotations(rule: Rule) -> dict[str, Any]:
+    return {
+        "mitre_attack": {
+            "mitre_technique_id": list(rule.mitre_technique_ids),
+            "mitre_technique": list(rule.mitre_techniques),
+            "mitre_tactic_id": list(rule.mitre_tactic_ids),
+            "mitre_tactic": list(rule.mitre_tactics),
+        },
+        "analytic_story": list(rule.analytic_stories),
+    }
+
+
+def risk_event(finding: Finding) -> RiskEvent:
+    rule = finding.rule
+    fields = {_field_name(n): v for n, v in zip(rule.key_fields, finding.key, strict=True)}
+    risk = rule.risk
+    event_id = alert_id(rule.id, finding.key, finding.first_minute)
+    body: dict[str, Any] = {
+        "id": event_id,
+        "time": rfc3339(finding.tick_ms),
+        "rule": {"id": rule.id, "name": rule.name, "search_name": rule.search_name},
+        "window": {
+            "start": rfc3339(finding.tick_ms - rule.window_minutes * MINUTE_MS),
+            "end": rfc3339(finding.tick_ms),
+        },
+        "risk_object": fields[_field_name(risk.object_field)],
+        "risk_object_type": risk.object_type,
+        "risk_score": risk.score,
+        "impact": risk.impact,
+        "confidence": risk.confidence,
+        "risk_message": render_message(risk.message, fields),
+        "annotations": rule_annotations(rule),
+        "fields": fields,
+        "first_seen": rfc3339(finding.state.first_seen_ms),
+        "last_seen": rfc3339(finding.state.last_seen_ms),
+    }
+    return RiskEvent(event_id, rule.id, finding.tick_ms, risk.score, body)

@@ -1,0 +1,307 @@
+"""The `pathwatch` command: serve, check-config, evaluate, inspect, redrive."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from types import FrameType
+
+from pathwatch import __version__
+from pathwatch.config import Config, ConfigError, load_config
+from pathwatch.config.load import env_variables
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("PATHWATCH_CONFIG")
+    config = load_config(path, os.environ)
+    if getattr(args, "data_dir", None):
+        import dataclasses
+
+        config = dataclasses.replace(config, data_dir=args.data_dir)
+    return config
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathwatch.app.service import Service
+    from pathwatch.store.db import StoreError
+    from pathwatch.telemetry.logging import configure_logging
+
+    config = _load(args)
+    configure_logging(config.log.level, config.log.format)
+    service = Service(config)
+    stop = threading.Event()
+    interrupts = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            os._exit(130)  # second Ctrl-C: the operator wants out now
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service.start()
+    except (StoreError, OSError, ValueError) as exc:
+        print(f"pathwatch: cannot start: {exc}", file=sys.stderr)
+        service.shutdown(5)
+        return EXIT_RUNTIME
+    while not stop.wait(1.0):
+        pass
+    service.shutdown(args.shutdown_timeout)
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from pathwatch.alerts.sinks import build_sink
+    from pathwatch.clock import SystemClock
+    from pathwatch.rules import resolve_rules
+
+    config = _load(args)
+    for sink in config.sinks:
+        try:
+            build_sink(sink, SystemClock())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    rules = resolve_rules(config.rules)
+    enabled = [r.id for r in rules if r.enabled]
+    print(
+        f"config OK: data_dir={config.data_dir}, {len(enabled)} enabled rule(s) "
+        f"({', '.join(enabled) or 'none'}), {len(config.sinks)} sink(s)"
+    )
+    return 0
+
+
+def _open_offline(config: Config):  # type: ignore[no-untyped-def]
+    from pathwatch.app.service import Service
+
+    service = Service(config)
+    service.open_store()
+    return service
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathwatch.alerts.event import parse_rfc3339, risk_event
+    from pathwatch.engine import evaluate
+
+    config = _load(args)
+    service = _open_offline(config)
+    try:
+        rule = next((r for r in service.rules if r.id == args.rule), None)
+        if rule is None:
+            print(
+                f"pathwatch: unknown rule {args.rule!r} "
+                f"(rules: {', '.join(r.id for r in service.rules)})",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        try:
+            at = parse_rfc3339(args.at)
+        except ValueError as exc:
+            print(f"pathwatch: --at {args.at!r}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if at % 60_000:
+            print("pathwatch: --at must be a whole minute", file=sys.stderr)
+            return EXIT_CONFIG
+        assert service.firstseen is not None
+        result = evaluate(rule, at, service.firstseen)
+        for finding in result.findings:
+            print(risk_event(finding).to_json())
+        print(
+            f"{len(result.findings)} alert(s), {result.excluded} excluded, "
+            f"{result.candidates} candidate key(s)",
+            file=sys.stderr,
+        )
+    finally:
+        if service.db is not None:
+            service.db.close()
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pathwatch.alerts.event import rfc3339
+    from pathwatch.store.codec import KeyState
+
+    config = _load(args)
+    service = _open_offline(config)
+    try:
+        rule = next((r for r in service.rules if r.id == args.rule), None)
+        if rule is None:
+            print(f"pathwatch: unknown rule {args.rule!r}", file=sys.stderr)
+            return EXIT_CONFIG
+        assert service.firstseen is not None
+
+        def show(key: tuple[str, ...], state: KeyState) -> None:
+            print(
+                json.dumps(
+                    {
+                        "key": dict(zip(rule.key_fields, key, strict=True)),
+                        "first_seen": rfc3339(state.first_seen_ms),
+                        "last_seen": rfc3339(state.last_seen_ms),
+                        "presence": [
+                            [rfc3339(s * 60_000), rfc3339(e * 60_000)]
+                            for s, e in state.history.runs
+                        ],
+                    }
+                )
+            )
+
+        if args.key:
+            values = dict(kv.split("=", 1) for kv in args.key)
+            missing = [f for f in rule.key_fields if f not in values]
+            if missing:
+                print(
+                    f"pathwatch: --key needs every key field; missing: {', '.join(missing)}",
+                    file=sys.stderr,
+                )
+                return EXIT_CONFIG
+            key = tuple(values[f] for f in rule.key_fields)
+            state = service.firstseen.get(rule.id, key)
+            if state is None:
+                print("key not found", file=sys.stderr)
+                return EXIT_RUNTIME
+            show(key, state)
+            return 0
+        fields = dict(zip(rule.key_fields, range(len(rule.key_fields)), strict=True))
+        shown = 0
+        for key, state in service.firstseen.scan(rule.id):
+            if args.path and not fnmatch.fnmatchcase(
+                key[fields["process.executable.path"]], args.path
+            ):
+                continue
+            if args.name and not fnmatch.fnmatchcase(
+                key[fields["process.executable.name"]], args.name
+            ):
+                continue
+            show(key, state)
+            shown += 1
+            if shown >= args.limit:
+                print(f"(stopped at --limit {args.limit})", file=sys.stderr)
+                break
+        print(f"{shown} key(s)", file=sys.stderr)
+    finally:
+        if service.db is not None:
+            service.db.close()
+    return 0
+
+
+def _cmd_redrive(args: argparse.Namespace) -> int:
+    if args.api:
+        url = args.api.rstrip("/") + "/api/v1/deadletters/redrive"
+        if args.sink:
+            url += f"?sink={args.sink}"
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, method="POST"), timeout=30
+            ) as r:
+                print(r.read().decode().strip())
+        except urllib.error.HTTPError as exc:
+            print(f"pathwatch: {exc.code}: {exc.read().decode().strip()}", file=sys.stderr)
+            return EXIT_RUNTIME
+        except urllib.error.URLError as exc:
+            print(f"pathwatch: cannot reach {url}: {exc.reason}", file=sys.stderr)
+            return EXIT_RUNTIME
+        return 0
+    config = _load(args)
+    names = [s.name for s in config.sinks]
+    if args.sink and args.sink not in names:
+        print(
+            f"pathwatch: unknown sink {args.sink!r} (sinks: {', '.join(names) or 'none'})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    service = _open_offline(config)
+    try:
+        assert service.alerts is not None
+        moved = service.alerts.redrive(args.sink, names)
+    finally:
+        if service.db is not None:
+            service.db.close()
+    print(f"{moved} dead letter(s) moved back to the outbox; they are delivered on the next start")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathwatch",
+        description="Alerts when a Kubernetes process runs from a never-seen executable path.",
+        epilog="Environment overrides: "
+        + ", ".join(env_variables())
+        + "; PATHWATCH_CONFIG names the file.",
+    )
+    parser.add_argument("--version", action="version", version=f"pathwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the service"))
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=20.0,
+        help="seconds allowed for a clean shutdown (default 20)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+    with_config(
+        sub.add_parser("check-config", help="validate the configuration and exit")
+    ).set_defaults(func=_cmd_check_config)
+    ev = with_config(
+        sub.add_parser(
+            "evaluate",
+            help="evaluate a rule on a stopped data dir; prints risk events as JSON lines",
+        )
+    )
+    ev.add_argument("--rule", default="kubernetes_process_running_from_new_path")
+    ev.add_argument("--at", required=True, help="evaluation time, RFC 3339, a whole minute")
+    ev.add_argument("--data-dir", help="override data_dir")
+    ev.set_defaults(func=_cmd_evaluate)
+    ins = with_config(sub.add_parser("inspect", help="show stored keys (stopped data dir)"))
+    ins.add_argument("--rule", default="kubernetes_process_running_from_new_path")
+    ins.add_argument(
+        "--key", action="append", metavar="FIELD=VALUE", help="one key: give every key field once"
+    )
+    ins.add_argument("--path", help="glob on process.executable.path")
+    ins.add_argument("--name", help="glob on process.executable.name")
+    ins.add_argument("--limit", type=int, default=100)
+    ins.add_argument("--data-dir", help="override data_dir")
+    ins.set_defaults(func=_cmd_inspect)
+    rd = with_config(sub.add_parser("redrive", help="move dead letters back to the outbox"))
+    rd.add_argument("--sink", help="only this sink (default: all)")
+    rd.add_argument(
+        "--api", metavar="URL", help="a running pathwatch's admin URL, e.g. http://localhost:8080"
+    )
+    rd.add_argument("--data-dir", help="override data_dir (stopped service)")
+    rd.set_defaults(func=_cmd_redrive)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pathwatch.store.db import DataDirInUse, StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"pathwatch: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DataDirInUse as exc:
+        print(f"pathwatch: {exc}; stop it first, or use the HTTP API", file=sys.stderr)
+        return EXIT_RUNTIME
+    except StoreError as exc:
+        print(f"pathwatch: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return code

@@ -1,0 +1,278 @@
+"""AdminHttpServer: health, readiness, Prometheus metrics and the /api/v1 endpoints.
+
+Low-traffic by design (operators and probes), so a thread per request from the standard library
+is enough. Every response is JSON except /metrics; every client error is 400 with a message that
+names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pathwatch.alerts.event import parse_rfc3339, rfc3339
+from pathwatch.clock import MINUTE_MS
+
+if TYPE_CHECKING:
+    from pathwatch.app.service import Service
+
+log = structlog.get_logger(component="http")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _query_time(query: dict[str, list[str]], name: str, required: bool) -> int | None:
+    values = query.get(name)
+    if not values:
+        if required:
+            raise ApiError(
+                400, f"query parameter {name!r} is required (RFC 3339, e.g. 2026-01-01T10:00:00Z)"
+            )
+        return None
+    try:
+        return parse_rfc3339(values[0])
+    except ValueError as exc:
+        raise ApiError(400, f"{name}={values[0]!r} is not an RFC 3339 time: {exc}") from None
+
+
+class AdminHttpServer:
+    def __init__(self, service: Service, listen: str) -> None:
+        self._service = service
+        host, port = split_listen(listen)
+        handler = type("Handler", (_Handler,), {"service": service})
+        try:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise OSError(f"http.listen: cannot listen on {listen}: {exc.strerror}") from exc
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="pathwatch-http",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("admin http listening", port=self.port)
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    service: Service
+    server_version = "pathwatch"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http request", request=format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, data: Any) -> None:
+        self._send(status, json.dumps(data, indent=None).encode() + b"\n")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(min(length, 1 << 20))
+        try:
+            route = _ROUTES.get((method, url.path))
+            if route is not None:
+                route(self, query)
+                return
+            parts = url.path.strip("/").split("/")
+            if (
+                method == "POST"
+                and len(parts) == 5
+                and parts[:3] == ["api", "v1", "rules"]
+                and parts[4] == "evaluate"
+            ):
+                self._evaluate(parts[3], query)
+                return
+            raise ApiError(404, f"no such endpoint: {method} {url.path}")
+        except ApiError as exc:
+            self._json(exc.status, {"error": str(exc)})
+        except Exception as exc:
+            log.exception("admin api error", path=url.path)
+            self._json(500, {"error": f"internal error: {exc}"})
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    def _healthz(self, query: dict[str, list[str]]) -> None:
+        self._json(200, {"status": "ok"})
+
+    def _readyz(self, query: dict[str, list[str]]) -> None:
+        r = self.service.readiness()
+        self._json(200 if r.ready else 503, {"ready": r.ready, "checks": r.checks})
+
+    def _metrics(self, query: dict[str, list[str]]) -> None:
+        self._send(200, generate_latest(self.service.metrics.registry), CONTENT_TYPE_LATEST)
+
+    def _rules(self, query: dict[str, list[str]]) -> None:
+        svc = self.service
+        assert svc.alerts is not None
+        out = []
+        for rule in svc.rules:
+            last = svc.alerts.last_tick(rule.id) if rule.enabled else None
+            out.append(
+                {
+                    "id": rule.id,
+                    "name": rule.name,
+                    "enabled": rule.enabled,
+                    "key_fields": list(rule.key_fields),
+                    "metrics": list(rule.metrics),
+                    "window": f"{rule.window_minutes}m",
+                    "baseline": f"{rule.baseline_minutes}m",
+                    "schedule": rule.schedule,
+                    "delay_seconds": rule.delay_seconds,
+                    "risk_score": rule.risk.score,
+                    "exclude": [{"field": e.field, e.kind: e.pattern} for e in rule.exclude],
+                    "last_tick": None
+                    if last is None
+                    else {
+                        "time": rfc3339(last.tick_ms),
+                        "evaluated_at": rfc3339(last.evaluated_ms),
+                        "alerts": len(last.alert_ids),
+                        "excluded": last.excluded,
+                    },
+                }
+            )
+        self._json(200, {"rules": out})
+
+    def _alerts(self, query: dict[str, list[str]]) -> None:
+        svc = self.service
+        assert svc.alerts is not None
+        since = _query_time(query, "since", required=False)
+        if since is None:
+            since = svc.clock.now_ms() - 24 * 3_600_000
+        limit = _int_param(query, "limit", 1000, 10_000)
+        self._json(200, {"alerts": svc.alerts.alerts_since(since, limit)})
+
+    def _evaluate(self, rule_id: str, query: dict[str, list[str]]) -> None:
+        svc = self.service
+        rule = next((r for r in svc.rules if r.id == rule_id), None)
+        if rule is None:
+            known = ", ".join(r.id for r in svc.rules)
+            raise ApiError(400, f"unknown rule {rule_id!r} (rules: {known})")
+        at = _query_time(query, "at", required=True)
+        assert at is not None and svc.runner is not None
+        if at % MINUTE_MS:
+            raise ApiError(400, f"at={rfc3339(at)} must be a whole minute (seconds = 0)")
+        now = svc.clock.now_ms()
+        if at > now:
+            raise ApiError(
+                400, f"at={rfc3339(at)} is in the future: its window is not complete yet"
+            )
+        from pathwatch.app.service import INDEX_EXTRA_MINUTES
+
+        oldest = now - INDEX_EXTRA_MINUTES * MINUTE_MS
+        if at < oldest:
+            raise ApiError(
+                400,
+                f"at={rfc3339(at)} is older than the activity index keeps (from {rfc3339(oldest)})",
+            )
+        outcome = svc.runner.run(rule, at)
+        self._json(200, {"alerts": outcome.alerts, "new": outcome.new})
+
+    def _deadletters(self, query: dict[str, list[str]]) -> None:
+        svc = self.service
+        assert svc.alerts is not None
+        sink = _sink_param(svc, query)
+        limit = _int_param(query, "limit", 1000, 10_000)
+        out = []
+        for d in svc.alerts.deadletters(sink, [s.name for s in svc.config.sinks]):
+            out.append(
+                {
+                    "sink": d.sink,
+                    "seq": d.seq,
+                    "alert_id": d.alert_id,
+                    "reason": d.record.get("reason"),
+                    "attempts": d.record.get("attempts", 0),
+                    "event": d.event,
+                }
+            )
+            if len(out) >= limit:
+                break
+        self._json(200, {"deadletters": out})
+
+    def _redrive(self, query: dict[str, list[str]]) -> None:
+        svc = self.service
+        assert svc.alerts is not None and svc.dispatcher is not None
+        sink = _sink_param(svc, query)
+        moved = svc.alerts.redrive(sink, [s.name for s in svc.config.sinks])
+        svc.dispatcher.notify()
+        log.info("dead letters redriven", sink=sink or "all", count=moved)
+        self._json(200, {"redriven": moved})
+
+
+def _int_param(query: dict[str, list[str]], name: str, default: int, maximum: int) -> int:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[0])
+    except ValueError:
+        raise ApiError(400, f"{name}={values[0]!r} is not an integer") from None
+    if not 1 <= value <= maximum:
+        raise ApiError(400, f"{name} must be between 1 and {maximum}")
+    return value
+
+
+def _sink_param(svc: Service, query: dict[str, list[str]]) -> str | None:
+    values = query.get("sink")
+    if not values:
+        return None
+    names = [s.name for s in svc.config.sinks]
+    if values[0] not in names:
+        raise ApiError(400, f"unknown sink {values[0]!r} (sinks: {', '.join(names) or 'none'})")
+    return values[0]
+
+
+_ROUTES = {
+    ("GET", "/healthz"): _Handler._healthz,
+    ("GET", "/readyz"): _Handler._readyz,
+    ("GET", "/metrics"): _Handler._metrics,
+    ("GET", "/api/v1/rules"): _Handler._rules,
+    ("GET", "/api/v1/alerts"): _Handler._alerts,
+    ("GET", "/api/v1/deadletters"): _Handler._deadletters,
+    ("POST", "/api/v1/deadletters/redrive"): _Handler._redrive,
+}
+
+__all__ = ["AdminHttpServer", "ApiError", "HTTPStatus"]

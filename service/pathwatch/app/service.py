@@ -1,0 +1,212 @@
+"""Service: builds every component from a Config, starts them in order, stops them in reverse.
+
+Start: store -> writer -> dispatcher -> receiver -> scheduler -> admin HTTP. Shutdown reverses
+it: the receiver stops accepting and finishes in-flight exports, the writer flushes what it has,
+the dispatcher stops between requests, RocksDB closes last. Every step is bounded in time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from pathwatch.alerts.dispatcher import Dispatcher
+from pathwatch.clock import DAY_MS, MINUTE_MS, Clock, SystemClock
+from pathwatch.config.model import Config
+from pathwatch.receiver.decode import Decoder, TimeBounds
+from pathwatch.receiver.grpc_server import OtlpGrpcReceiver
+from pathwatch.rules import Rule, resolve_rules
+from pathwatch.scheduler import Scheduler, TickRunner
+from pathwatch.store import (
+    AlertStore,
+    Database,
+    DatabaseOptions,
+    FirstSeenStore,
+    IngestWriter,
+    Retention,
+    WriterConfig,
+)
+from pathwatch.telemetry.metrics import Metrics
+
+log = structlog.get_logger(component="app")
+
+INDEX_EXTRA_MINUTES = 3 * 24 * 60  # activity index kept beyond the window: the evaluate API's reach
+
+
+def retention_of(rule: Rule, max_runs: int) -> Retention:
+    return Retention(
+        horizon_minutes=rule.baseline_minutes + rule.window_minutes + 24 * 60,
+        max_runs=max_runs,
+        index_minutes=rule.window_minutes + INDEX_EXTRA_MINUTES,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    checks: dict[str, str]
+
+
+class Service:
+    """The running pathwatch. `start` raises (StoreError, OSError, ValueError) with a clear
+    message when a component cannot start; `shutdown` is safe at any point and twice."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.rules: list[Rule] = resolve_rules(config.rules)
+        self.enabled_rules = [r for r in self.rules if r.enabled]
+        self.metrics = Metrics()
+        self._retention = {
+            r.id: retention_of(r, config.store.max_runs_per_key) for r in self.enabled_rules
+        }
+        self.db: Database | None = None
+        self.firstseen: FirstSeenStore | None = None
+        self.alerts: AlertStore | None = None
+        self.writer: IngestWriter | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.receiver: OtlpGrpcReceiver | None = None
+        self.runner: TickRunner | None = None
+        self.scheduler: Scheduler | None = None
+        self.http: object | None = None
+        self.first_start_ms = 0
+
+    def time_bounds(self) -> TimeBounds:
+        now = self.clock.now_ms()
+        horizon = max(
+            ((r.baseline_minutes + r.window_minutes) * MINUTE_MS for r in self.enabled_rules),
+            default=0,
+        )
+        return TimeBounds(
+            oldest_ms=now - horizon - DAY_MS,
+            newest_ms=now + int(self.config.receiver.max_future_skew * 1000),
+        )
+
+    def open_store(self) -> None:
+        cfg = self.config
+        self.db = Database(
+            cfg.data_dir,
+            DatabaseOptions(fsync=cfg.store.fsync, block_cache_bytes=cfg.store.block_cache_size),
+        )
+        self.firstseen = FirstSeenStore(self.db, cfg.store.cache_keys)
+        self.alerts = AlertStore(self.db)
+        first = self.alerts.get_meta("first_start_ms")
+        if first is None:
+            self.first_start_ms = self.clock.now_ms()
+            self.alerts.set_meta("first_start_ms", str(self.first_start_ms))
+        else:
+            self.first_start_ms = int(first)
+
+    def start(self, *, serve_http: bool = True) -> None:
+        cfg = self.config
+        started = time.monotonic()
+        self.open_store()
+        assert self.firstseen is not None and self.alerts is not None and self.db is not None
+        db = self.db
+        self.metrics.store_size_bytes.set_function(
+            lambda: db.property_int("rocksdb.live-sst-files-size")
+        )
+        self.metrics.store_keys_estimate.set_function(
+            lambda: db.property_int("rocksdb.estimate-num-keys")
+        )
+        self.writer = IngestWriter(
+            self.firstseen,
+            lambda: self._retention,
+            self.clock,
+            self.metrics,
+            WriterConfig(
+                max_pending_keys=cfg.store.max_pending_keys,
+                expiry_interval_s=cfg.store.expiry_interval,
+            ),
+        )
+        self.writer.start()
+        self.dispatcher = Dispatcher(cfg.sinks, self.alerts, self.clock, self.metrics)
+        self.dispatcher.start()
+        alerts = self.alerts
+        self.runner = TickRunner(
+            self.firstseen,
+            alerts,
+            cfg.sinks,
+            self.clock,
+            self.metrics,
+            outbox_depth=alerts.depth,
+            on_commit=self.dispatcher.notify,
+        )
+        self.receiver = OtlpGrpcReceiver(
+            cfg.receiver.grpc,
+            Decoder(self.rules, cfg.receiver.max_key_field_bytes),
+            self.writer,
+            self.time_bounds,
+            self.metrics,
+        )
+        self.receiver.start()
+        self.scheduler = Scheduler(
+            self.rules,
+            self.runner,
+            alerts,
+            self.clock,
+            self.metrics,
+            self.first_start_ms,
+            cfg.scheduler.catch_up_max_ticks,
+        )
+        self.scheduler.start()
+        if serve_http:
+            from pathwatch.app.http import AdminHttpServer
+
+            server = AdminHttpServer(self, cfg.http.listen)
+            server.start()
+            self.http = server
+        log.info(
+            "pathwatch started",
+            data_dir=cfg.data_dir,
+            rules=[r.id for r in self.enabled_rules],
+            sinks=[s.name for s in cfg.sinks],
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def readiness(self) -> Readiness:
+        checks: dict[str, str] = {}
+        ok = True
+        if self.db is None or self.writer is None:
+            checks["store"], ok = "not open", False
+        elif not self.writer.healthy:
+            checks["store"], ok = f"writes failing: {self.writer.last_error}", False
+        else:
+            checks["store"] = "ok"
+        if self.receiver is None or not self.receiver.serving:
+            checks["receiver"], ok = "not serving", False
+        else:
+            checks["receiver"] = "ok"
+        if self.scheduler is None or not self.scheduler.running:
+            checks["scheduler"], ok = "not running", False
+        else:
+            checks["scheduler"] = self.scheduler.last_error or "ok"
+        for status in self.dispatcher.statuses() if self.dispatcher else []:
+            checks[f"sink:{status.name}"] = (
+                f"disabled: {status.disabled}" if status.disabled else "ok"
+            )
+        return Readiness(ok, checks)
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop everything within roughly `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+
+        def left(share: float) -> float:
+            return max(0.5, (deadline - time.monotonic()) * share)
+
+        if self.http is not None:
+            self.http.shutdown()  # type: ignore[attr-defined]
+            self.http = None
+        if self.receiver is not None:
+            self.receiver.shutdown(grace=left(0.4))
+        if self.scheduler is not None:
+            self.scheduler.shutdown(left(0.3))
+        if self.writer is not None:
+            self.writer.shutdown(left(0.5))
+        if self.dispatcher is not None:
+            self.dispatcher.shutdown(left(0.8))
+        if self.db is not None:
+            self.db.close()
+        log.info("pathwatch stopped")

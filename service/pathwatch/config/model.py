@@ -1,0 +1,148 @@
+"""The configuration schema: frozen dataclasses whose defaults are the embedded defaults.
+
+Field names are the YAML keys. `Duration` fields take "90s", "5m", "1h", "30d", "1h30m" or a
+number of seconds; `ByteSize` fields take an integer or "64MiB", "512KiB", "1GiB".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NewType
+
+Duration = NewType("Duration", float)
+ByteSize = NewType("ByteSize", int)
+
+
+@dataclass(frozen=True)
+class GrpcReceiverConfig:
+    listen: str = "0.0.0.0:4317"
+    max_receive_message_size: ByteSize = ByteSize(64 << 20)
+    max_workers: int = 8
+    # How long an Export waits for its observations to become durable before answering
+    # UNAVAILABLE (the collector then retries; presence is idempotent, so a retry is harmless).
+    ack_timeout: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    grpc: GrpcReceiverConfig = field(default_factory=GrpcReceiverConfig)
+    max_future_skew: Duration = Duration(300.0)
+    max_key_field_bytes: int = 4096
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "0.0.0.0:8080"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    # fsync the WAL on every group commit: an acknowledged export then survives a power loss,
+    # not only a process crash. Turn off only where losing the last second of data is fine.
+    fsync: bool = True
+    cache_keys: int = 100_000
+    max_pending_keys: int = 200_000
+    max_runs_per_key: int = 256
+    block_cache_size: ByteSize = ByteSize(64 << 20)
+    expiry_interval: Duration = Duration(3600.0)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Ticks missed while pathwatch was down are run on restart, newest first up to this many
+    # per rule; older ones are skipped and counted.
+    catch_up_max_ticks: int = 24
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"  # json, console, or auto (console on a terminal, JSON otherwise)
+
+
+@dataclass(frozen=True)
+class ExclusionConfig:
+    field: str = ""
+    value: str | None = None
+    glob: str | None = None
+    regex: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """A rule entry. For a built-in `id`, only the fields given override the built-in's."""
+
+    id: str = ""
+    name: str | None = None
+    enabled: bool | None = None
+    key_fields: list[str] | None = None
+    metrics: list[str] | None = None
+    window: Duration | None = None
+    baseline: Duration | None = None
+    schedule: str | None = None
+    delay: Duration | None = None
+    exclude: list[ExclusionConfig] | None = None
+    impact: int | None = None
+    confidence: int | None = None
+    risk_message: str | None = None
+    risk_object_field: str | None = None
+    search_name: str | None = None
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    initial_backoff: Duration = Duration(1.0)
+    max_backoff: Duration = Duration(300.0)
+    max_age: Duration = Duration(86400.0)
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    name: str = ""
+    type: str = ""
+    url: str = ""
+    timeout: Duration = Duration(10.0)
+    headers: dict[str, str] = field(default_factory=dict)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    max_concurrency: int = 4
+    max_queue: int = 100_000
+    min_risk_score: int = 0
+    rules: list[str] = field(default_factory=list)
+    # webhook (Standard Webhooks signing; every configured secret signs, for rotation)
+    secret: str | None = None
+    secret_file: str | None = None
+    secret_env: str | None = None
+    secrets: list[str] = field(default_factory=list)
+    # TLS
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure_skip_verify: bool = False
+    # splunk_hec
+    token: str | None = None
+    token_file: str | None = None
+    token_env: str | None = None
+    index: str = "risk"
+    sourcetype: str = "pathwatch:risk"
+    batch_size: int = 50
+    # alertmanager
+    ends_after: Duration = Duration(86400.0)
+    generator_url: str = ""
+    severity: str = "warning"
+    # cloudevents
+    source: str = "pathwatch"
+
+
+SINK_TYPES = ("webhook", "splunk_hec", "alertmanager", "cloudevents")
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = "./data"
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    rules: list[RuleConfig] = field(default_factory=list)
+    sinks: list[SinkConfig] = field(default_factory=list)

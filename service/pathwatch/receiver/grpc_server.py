@@ -1,0 +1,177 @@
+"""OtlpGrpcReceiver: the OTLP MetricsService/Export endpoint and the gRPC health service.
+
+Thin by design: decode, hand to the writer, wait (bounded) for durability, map the outcome to a
+status the collector's exporter understands. Retryable trouble (queue full, store failing, slow
+write) is UNAVAILABLE with RetryInfo; a request that cannot be decoded is INVALID_ARGUMENT
+(permanent); points outside the accepted time range are reported through partial_success.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceResponse,
+)
+
+from pathwatch.config.model import GrpcReceiverConfig
+from pathwatch.receiver.decode import Decoder, DecodeResult, InvalidRequest, TimeBounds
+from pathwatch.store.writer import Backpressure, IngestWriter
+from pathwatch.telemetry.metrics import Metrics
+
+log = structlog.get_logger(component="receiver")
+
+SERVICE_NAME = "opentelemetry.proto.collector.metrics.v1.MetricsService"
+_RETRY_DELAY_S = 1
+
+
+def _retry_status(message: str, delay_s: int = _RETRY_DELAY_S) -> grpc.Status:
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=delay_s)))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[detail])
+    )
+
+
+def rejection_message(result: DecodeResult, bounds: TimeBounds) -> str:
+    parts = []
+    if result.points_too_old:
+        oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bounds.oldest_ms / 1000))
+        parts.append(f"{result.points_too_old} older than the retention horizon ({oldest})")
+    if result.points_future:
+        parts.append(f"{result.points_future} timestamped too far in the future")
+    if result.points_key_too_long:
+        parts.append(f"{result.points_key_too_long} from resources with an oversized key attribute")
+    return f"pathwatch rejected {result.points_rejected} data points: " + "; ".join(parts)
+
+
+class OtlpGrpcReceiver:
+    """gRPC server on `config.listen`. start() binds (raises OSError when it cannot);
+    shutdown(grace) stops accepting, lets in-flight exports finish for `grace` seconds.
+    """
+
+    def __init__(
+        self,
+        config: GrpcReceiverConfig,
+        decoder: Decoder,
+        writer: IngestWriter,
+        bounds: Callable[[], TimeBounds],
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._decoder = decoder
+        self._writer = writer
+        self._bounds = bounds
+        self._metrics = metrics
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self.port: int | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and self.port is not None
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        limit = int(self._config.max_receive_message_size)
+        server = grpc.server(
+            ThreadPoolExecutor(self._config.max_workers, thread_name_prefix="pathwatch-otlp"),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", 4 << 20),
+            ],
+            # Beyond the worker pool, a small queue; past it gRPC answers RESOURCE_EXHAUSTED
+            # itself, which the collector retries.
+            maximum_concurrent_rpcs=self._config.max_workers * 4,
+        )
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    self._export,
+                    request_deserializer=None,  # raw bytes: decoding errors are ours to map
+                    response_serializer=ExportMetricsServiceResponse.SerializeToString,
+                )
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = server.add_insecure_port(self._config.listen)
+        if not port:
+            raise OSError(f"receiver.grpc.listen: cannot listen on {self._config.listen}")
+        server.start()
+        self._server = server
+        self.port = port
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("otlp grpc receiver listening", listen=self._config.listen, port=port)
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Safe before start and twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._health.enter_graceful_shutdown()
+        server.stop(grace).wait(grace + 1.0)
+
+    def _export(self, request: bytes, context: grpc.ServicerContext) -> Any:
+        started = time.monotonic()
+        metrics = self._metrics
+        metrics.export_bytes.observe(len(request))
+        try:
+            return self._handle(request, context)
+        finally:
+            metrics.export_seconds.observe(time.monotonic() - started)
+
+    def _handle(self, request: bytes, context: grpc.ServicerContext) -> Any:
+        metrics = self._metrics
+        bounds = self._bounds()
+        try:
+            result = self._decoder.decode(request, bounds)
+        except InvalidRequest as exc:
+            metrics.export_requests.labels(outcome="invalid").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            ticket = self._writer.submit(result.batch)
+        except Backpressure as exc:
+            metrics.export_requests.labels(outcome="unavailable").inc()
+            context.abort_with_status(_retry_status(f"pathwatch is overloaded: {exc}"))
+        remaining = context.time_remaining()
+        wait = (
+            self._config.ack_timeout
+            if remaining is None
+            else min(self._config.ack_timeout, remaining)
+        )
+        if not ticket.wait(max(0.0, wait)) or ticket.error is not None:
+            metrics.export_requests.labels(outcome="unavailable").inc()
+            reason = ticket.error or "durable write did not finish in time"
+            context.abort_with_status(_retry_status(f"pathwatch store unavailable: {reason}"))
+        self._count(result)
+        response = ExportMetricsServiceResponse()
+        if result.points_rejected:
+            response.partial_success.rejected_data_points = result.points_rejected
+            response.partial_success.error_message = rejection_message(result, bounds)
+            metrics.export_requests.labels(outcome="partial").inc()
+        else:
+            metrics.export_requests.labels(outcome="ok").inc()
+        return response
+
+    def _count(self, result: DecodeResult) -> None:
+        m = self._metrics
+        m.resources.labels(outcome="tracked").inc(result.resources_tracked)
+        m.resources.labels(outcome="untracked").inc(result.resources_untracked)
+        m.resources.labels(outcome="ignored").inc(result.resources_ignored)
+        m.data_points.labels(outcome="accepted").inc(result.points_accepted)
+        m.data_points.labels(outcome="too_old").inc(result.points_too_old)
+        m.data_points.labels(outcome="too_far_in_future").inc(result.points_future)
+        m.data_points.labels(outcome="key_too_long").inc(result.points_key_too_long)

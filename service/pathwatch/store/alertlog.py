@@ -1,0 +1,210 @@
+"""AlertStore: tick records, the alert log, the per-sink outbox and dead letters, in RocksDB.
+
+`commit_tick` writes a tick's record, its alerts and one delivery record per sink in one atomic
+batch, so after a crash either the whole evaluation is there (and is delivered) or none of it is
+(and the tick runs again, producing the same alert ids). A delivery record is deleted only after
+its sink acknowledged it (`ack`), or moved to the dead letters in the same write.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pathwatch.store import keyspace as ks
+from pathwatch.store.db import Batch, Database
+
+_SEQ_KEY = ks.meta_key("seq")
+
+
+@dataclass(frozen=True, slots=True)
+class TickRecord:
+    rule_id: str
+    tick_ms: int
+    alert_ids: tuple[str, ...]
+    evaluated_ms: int
+    excluded: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One alert waiting for one sink. `record` is the stored JSON object."""
+
+    sink: str
+    seq: int
+    record: dict[str, Any]
+
+    @property
+    def alert_id(self) -> str:
+        return str(self.record["alert_id"])
+
+    @property
+    def event(self) -> dict[str, Any]:
+        event: dict[str, Any] = self.record["event"]
+        return event
+
+
+class AlertStore:
+    """Thread-safe; writers serialise on an internal lock (sequence numbers, tick idempotency)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._lock = threading.Lock()
+        raw = db.get(_SEQ_KEY)
+        self._seq = int(raw) if raw else 0
+
+    # -- meta ------------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        raw = self._db.get(ks.meta_key(name))
+        return None if raw is None else raw.decode()
+
+    def set_meta(self, name: str, value: str) -> None:
+        b = Batch()
+        b.put(ks.meta_key(name), value.encode())
+        self._db.commit(b)
+
+    # -- ticks and alerts ------------------------------------------------------------------
+
+    def get_tick(self, rule_id: str, tick_ms: int) -> TickRecord | None:
+        raw = self._db.get(ks.tick_key(rule_id, tick_ms // 60_000))
+        return None if raw is None else _tick_from(rule_id, raw)
+
+    def last_tick(self, rule_id: str) -> TickRecord | None:
+        prefix = ks.tick_prefix(rule_id)
+        for _, raw in self._db.scan(prefix, ks.prefix_end(prefix), reverse=True):
+            return _tick_from(rule_id, raw)
+        return None
+
+    def commit_tick(
+        self,
+        tick: TickRecord,
+        events: Sequence[tuple[str, int, dict[str, Any]]],
+        deliveries: Sequence[tuple[str, str, dict[str, Any]]],
+        overflow: Sequence[tuple[str, str, dict[str, Any]]] = (),
+    ) -> bool:
+        """Record `tick` with its alerts and deliveries atomically. False if already recorded.
+
+        `events` are (alert id, time ms, event); `deliveries` are (sink, alert id, event) for
+        the outbox and `overflow` the same for sinks whose outbox was full (dead-lettered at once).
+        """
+        with self._lock:
+            if self.get_tick(tick.rule_id, tick.tick_ms) is not None:
+                return False
+            b = Batch()
+            b.put(
+                ks.tick_key(tick.rule_id, tick.tick_ms // 60_000),
+                json.dumps(
+                    {
+                        "tick_ms": tick.tick_ms,
+                        "alert_ids": list(tick.alert_ids),
+                        "evaluated_ms": tick.evaluated_ms,
+                        "excluded": tick.excluded,
+                    }
+                ).encode(),
+            )
+            for alert_id, time_ms, event in events:
+                b.put(ks.alert_key(time_ms, alert_id), json.dumps(event).encode())
+            seq = self._seq
+            for kind, items in ((ks.outbox_key, deliveries), (ks.deadletter_key, overflow)):
+                for sink, alert_id, event in items:
+                    seq += 1
+                    record = {
+                        "alert_id": alert_id,
+                        "enqueued_ms": tick.evaluated_ms,
+                        "event": event,
+                    }
+                    if kind is ks.deadletter_key:
+                        record["reason"] = "outbox full"
+                    b.put(kind(sink, seq), json.dumps(record).encode())
+            b.put(_SEQ_KEY, str(seq).encode())
+            self._db.commit(b)
+            self._seq = seq
+            return True
+
+    def alerts_of(self, tick: TickRecord) -> list[dict[str, Any]]:
+        wanted = set(tick.alert_ids)
+        found: dict[str, dict[str, Any]] = {}
+        lower = ks.alert_bound(tick.tick_ms)
+        for key, raw in self._db.scan(lower, ks.alert_bound(tick.tick_ms + 1)):
+            alert_id = key[len(lower) :].decode()
+            if alert_id in wanted:
+                found[alert_id] = json.loads(raw)
+        return [found[a] for a in tick.alert_ids if a in found]
+
+    def alerts_since(self, since_ms: int, limit: int = 1000) -> list[dict[str, Any]]:
+        out = []
+        for _, raw in self._db.scan(ks.alert_bound(since_ms), b"M"):
+            out.append(json.loads(raw))
+            if len(out) >= limit:
+                break
+        return out
+
+    def expire_alerts(self, before_ms: int) -> None:
+        self._db.delete_range(ks.alert_bound(0), ks.alert_bound(before_ms))
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    def pending(self, sink: str, after_seq: int = 0, limit: int = 100) -> list[Delivery]:
+        prefix = ks.outbox_prefix(sink)
+        out = []
+        for key, raw in self._db.scan(ks.outbox_key(sink, after_seq + 1), ks.prefix_end(prefix)):
+            out.append(Delivery(sink, ks.seq_of(key), json.loads(raw)))
+            if len(out) >= limit:
+                break
+        return out
+
+    def depth(self, sink: str) -> int:
+        return sum(1 for _ in self._db.scan_prefix(ks.outbox_prefix(sink), values=False))
+
+    def ack(self, delivery: Delivery) -> None:
+        b = Batch()
+        b.delete(ks.outbox_key(delivery.sink, delivery.seq))
+        self._db.commit(b)
+
+    def update(self, delivery: Delivery) -> None:
+        """Persist a changed delivery record (attempt count, last error)."""
+        b = Batch()
+        b.put(ks.outbox_key(delivery.sink, delivery.seq), json.dumps(delivery.record).encode())
+        self._db.commit(b)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move `delivery` from the outbox to the dead letters, atomically."""
+        record = dict(delivery.record, reason=reason)
+        b = Batch()
+        b.delete(ks.outbox_key(delivery.sink, delivery.seq))
+        b.put(ks.deadletter_key(delivery.sink, delivery.seq), json.dumps(record).encode())
+        self._db.commit(b)
+
+    def deadletters(self, sink: str | None, sinks: Sequence[str]) -> Iterator[Delivery]:
+        for name in [sink] if sink else sinks:
+            for key, raw in self._db.scan_prefix(ks.deadletter_prefix(name)):
+                yield Delivery(name, ks.seq_of(key), json.loads(raw))
+
+    def redrive(self, sink: str | None, sinks: Sequence[str]) -> int:
+        """Move dead letters back into the outbox (same sequence numbers, attempts reset)."""
+        moved = 0
+        b = Batch()
+        for d in list(self.deadletters(sink, sinks)):
+            record = {
+                k: v for k, v in d.record.items() if k not in ("reason", "attempts", "last_error")
+            }
+            b.delete(ks.deadletter_key(d.sink, d.seq))
+            b.put(ks.outbox_key(d.sink, d.seq), json.dumps(record).encode())
+            moved += 1
+        self._db.commit(b)
+        return moved
+
+
+def _tick_from(rule_id: str, raw: bytes) -> TickRecord:
+    data = json.loads(raw)
+    return TickRecord(
+        rule_id=rule_id,
+        tick_ms=int(data["tick_ms"]),
+        alert_ids=tuple(data["alert_ids"]),
+        evaluated_ms=int(data["evaluated_ms"]),
+        excluded=int(data.get("excluded", 0)),
+    )

@@ -1,0 +1,205 @@
+"""FirstSeenStore: per rule and key, first/last seen and the presence history, plus two indexes.
+
+- the activity index (``A``) lists, per hour, the keys observed in that hour: evaluation reads only
+  the hours its window touches, so its cost follows the active keys, not the stored ones;
+- the expiry index (``E``) lists, per day, the keys whose last observation fell on that day: the
+  expiry sweep reads only days past the retention horizon.
+
+All writes go through one thread (the IngestWriter), which is what makes the read-modify-write of
+a record safe without locks; reads may come from any thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from pathwatch.clock import MINUTE_MS
+from pathwatch.observations import KeyTuple, ObservationBatch
+from pathwatch.store import keyspace as ks
+from pathwatch.store.codec import KeyState, decode_key, decode_state, encode_key, encode_state
+from pathwatch.store.db import Batch, Database
+from pathwatch.store.presence import PresenceHistory
+
+MINUTES_PER_HOUR = 60
+MINUTES_PER_DAY = 1440
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long a rule's data is kept: `horizon_minutes` of history, at most `max_runs` runs."""
+
+    horizon_minutes: int
+    max_runs: int = 256
+    index_minutes: int = 3 * MINUTES_PER_DAY
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    keys_written: int
+    keys_created: int
+
+
+class FirstSeenStore:
+    """First-seen state over a Database. See the module docstring for the write discipline."""
+
+    def __init__(self, db: Database, cache_keys: int = 100_000) -> None:
+        self._db = db
+        self._cache: dict[bytes, KeyState] = {}
+        self._cache_keys = max(0, cache_keys)
+
+    # -- writes (IngestWriter thread only) -------------------------------------------------
+
+    def apply(
+        self, batch: ObservationBatch, retention: Mapping[str, Retention], now_ms: int
+    ) -> ApplyResult:
+        """Merge `batch` into the stored records in one atomic, durable write.
+
+        Minutes already recorded cost a cache or RocksDB read and no write. Raises StoreError
+        (retryable) when RocksDB refuses the write; then nothing of the batch was applied and
+        the cache is left as it was before the call.
+        """
+        wb = Batch()
+        written = created = 0
+        staged: list[tuple[bytes, KeyState]] = []
+        items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
+        rkeys = [ks.record_key(rule, encode_key(key)) for (rule, key), _ in items]
+        missing = [k for k in rkeys if k not in self._cache]
+        loaded = dict(zip(missing, self._db.get_many(missing), strict=True))
+        now_min = now_ms // MINUTE_MS
+        for ((rule, _key), sighting), rkey in zip(items, rkeys, strict=True):
+            ret = retention[rule]
+            old = self._cache.get(rkey)
+            if old is None and (raw := loaded.get(rkey)) is not None:
+                old = decode_state(raw)
+            if (
+                old is not None
+                and old.history.contains_all(sighting.minutes)
+                and (
+                    old.first_seen_ms <= sighting.first_ms and old.last_seen_ms >= sighting.last_ms
+                )
+            ):
+                self._remember(rkey, old)
+                continue
+            horizon = now_min - ret.horizon_minutes
+            minutes = [m for m in sighting.minutes if m >= horizon]
+            if not minutes:
+                continue
+            old_hist = old.history if old else PresenceHistory()
+            hist = old_hist.with_minutes(minutes).trimmed(horizon, ret.max_runs)
+            first_ms = min(old.first_seen_ms, sighting.first_ms) if old else sighting.first_ms
+            last_ms = max(old.last_seen_ms, sighting.last_ms) if old else sighting.last_ms
+            state = KeyState(first_ms, last_ms, hist)
+            encoded_key = rkey[len(ks.record_prefix(rule)) :]
+            wb.put(rkey, encode_state(state))
+            index_floor = (now_min - ret.index_minutes) // MINUTES_PER_HOUR
+            for hour in {m // MINUTES_PER_HOUR for m in minutes}:
+                if hour >= index_floor and not old_hist.observed(
+                    hour * MINUTES_PER_HOUR, (hour + 1) * MINUTES_PER_HOUR
+                ):
+                    wb.put(ks.activity_key(rule, hour, encoded_key), b"")
+            last_day = last_ms // (MINUTES_PER_DAY * MINUTE_MS)
+            if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
+                wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
+            staged.append((rkey, state))
+            written += 1
+            created += old is None
+        self._db.commit(wb)
+        for rkey, state in staged:
+            self._remember(rkey, state)
+        return ApplyResult(written, created)
+
+    def _remember(self, rkey: bytes, state: KeyState) -> None:
+        if self._cache_keys == 0:
+            return
+        cache = self._cache
+        cache.pop(rkey, None)
+        cache[rkey] = state
+        if len(cache) > self._cache_keys:
+            # Evict the oldest tenth at once: dicts keep insertion order, so this is LRU-ish
+            # and amortises eviction cost over many inserts.
+            for stale in list(cache.keys())[: max(1, self._cache_keys // 10)]:
+                del cache[stale]
+
+    def expire(self, rule: str, retention: Retention, now_ms: int) -> int:
+        """Delete keys of `rule` unseen for longer than the horizon; trim old index hours.
+
+        Returns the number of keys deleted. Writer thread only.
+        """
+        now_min = now_ms // MINUTE_MS
+        cutoff_day = (now_min - retention.horizon_minutes) // MINUTES_PER_DAY
+        lower = ks.expiry_bound(rule, 0)
+        upper = ks.expiry_bound(rule, cutoff_day)
+        prefix_len = len(ks.expiry_bound(rule, 0)) - 4
+        wb = Batch()
+        deleted = 0
+        for raw, _ in self._db.scan(lower, upper, values=False):
+            day, encoded = split_indexed(prefix_len, raw)
+            wb.delete(raw)
+            rkey = ks.record_prefix(rule) + encoded
+            value = self._db.get(rkey)
+            if value is None:
+                continue
+            state = decode_state(value)
+            if state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) <= day:
+                wb.delete(rkey)
+                self._cache.pop(rkey, None)
+                deleted += 1
+            if wb.count >= 10_000:
+                self._db.commit(wb)
+                wb = Batch()
+        self._db.commit(wb)
+        index_floor = (now_min - retention.index_minutes) // MINUTES_PER_HOUR
+        self._db.delete_range(ks.activity_bound(rule, 0), ks.activity_bound(rule, index_floor))
+        return deleted
+
+    # -- reads (any thread) ----------------------------------------------------------------
+
+    def get(self, rule: str, key: KeyTuple) -> KeyState | None:
+        raw = self._db.get(ks.record_key(rule, encode_key(key)))
+        return None if raw is None else decode_state(raw)
+
+    def active(
+        self, rule: str, start_min: int, end_min: int
+    ) -> Iterator[tuple[KeyTuple, KeyState]]:
+        """Keys with an activity-index entry in the hours that ``[start_min, end_min)`` touches.
+
+        A superset of the keys observed in that range: callers check the history.
+        """
+        first_hour = start_min // MINUTES_PER_HOUR
+        last_hour = (end_min - 1) // MINUTES_PER_HOUR
+        prefix_len = len(ks.activity_bound(rule, 0)) - 4
+        seen: set[bytes] = set()
+        chunk: list[bytes] = []
+        for raw, _ in self._db.scan(
+            ks.activity_bound(rule, first_hour),
+            ks.activity_bound(rule, last_hour + 1),
+            values=False,
+        ):
+            _, encoded = split_indexed(prefix_len, raw)
+            if encoded in seen:
+                continue
+            seen.add(encoded)
+            chunk.append(encoded)
+            if len(chunk) >= 1024:
+                yield from self._load(rule, chunk)
+                chunk = []
+        yield from self._load(rule, chunk)
+
+    def _load(self, rule: str, encoded: list[bytes]) -> Iterator[tuple[KeyTuple, KeyState]]:
+        prefix = ks.record_prefix(rule)
+        for enc, raw in zip(encoded, self._db.get_many([prefix + e for e in encoded]), strict=True):
+            if raw is not None:
+                yield decode_key(enc), decode_state(raw)
+
+    def scan(self, rule: str) -> Iterator[tuple[KeyTuple, KeyState]]:
+        """Every stored key of `rule` (a full scan: for `inspect`, never for evaluation)."""
+        prefix = ks.record_prefix(rule)
+        for raw, value in self._db.scan_prefix(prefix):
+            yield decode_key(raw[len(prefix) :]), decode_state(value)
+
+    def count_keys(self, rule: str) -> int:
+        return sum(1 for _ in self._db.scan_prefix(ks.record_prefix(rule), values=False))
+
+
+split_indexed = ks.split_indexed

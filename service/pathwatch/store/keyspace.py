@@ -1,0 +1,109 @@
+"""The layout of pathwatch's single RocksDB keyspace: one tag byte per kind of record.
+
+=====  ==================================================  =========================================
+tag    key                                                 value
+=====  ==================================================  =========================================
+``R``  R rule 0x00 key                                     key record (codec.py)
+``A``  A rule 0x00 hour:u32be key                          empty: key active in that hour
+``E``  E rule 0x00 day:u32be key                           empty: key last seen on that day (expiry)
+``T``  T rule 0x00 tick-minute:u32be                       tick record, JSON
+``L``  L time-ms:u64be alert-id                            risk event, JSON (the alert log)
+``O``  O sink 0x00 seq:u64be                               delivery record, JSON (the outbox)
+``D``  D sink 0x00 seq:u64be                               dead letter, JSON
+``M``  M name                                              metadata (first start, sequence numbers)
+=====  ==================================================  =========================================
+
+Rule ids and sink names never contain NUL (config validation), so ``tag name 0x00`` is a prefix
+that no other rule or sink shares. Big-endian integers keep time order equal to byte order.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def _scoped(tag: bytes, name: str) -> bytes:
+    return tag + name.encode() + b"\x00"
+
+
+def record_key(rule: str, key: bytes) -> bytes:
+    return _scoped(b"R", rule) + key
+
+
+def record_prefix(rule: str) -> bytes:
+    return _scoped(b"R", rule)
+
+
+def activity_key(rule: str, hour: int, key: bytes) -> bytes:
+    return _scoped(b"A", rule) + _U32.pack(hour) + key
+
+
+def activity_bound(rule: str, hour: int) -> bytes:
+    return _scoped(b"A", rule) + _U32.pack(hour)
+
+
+def expiry_key(rule: str, day: int, key: bytes) -> bytes:
+    return _scoped(b"E", rule) + _U32.pack(day) + key
+
+
+def expiry_bound(rule: str, day: int) -> bytes:
+    return _scoped(b"E", rule) + _U32.pack(day)
+
+
+def split_indexed(prefix_len: int, raw: bytes) -> tuple[int, bytes]:
+    """Split an ``A`` or ``E`` key into (bucket, encoded key tuple)."""
+    (bucket,) = _U32.unpack_from(raw, prefix_len)
+    return bucket, raw[prefix_len + 4 :]
+
+
+def tick_key(rule: str, tick_minute: int) -> bytes:
+    return _scoped(b"T", rule) + _U32.pack(tick_minute)
+
+
+def tick_prefix(rule: str) -> bytes:
+    return _scoped(b"T", rule)
+
+
+def alert_key(time_ms: int, alert_id: str) -> bytes:
+    return b"L" + _U64.pack(time_ms) + alert_id.encode()
+
+
+def alert_bound(time_ms: int) -> bytes:
+    return b"L" + _U64.pack(max(0, time_ms))
+
+
+def outbox_key(sink: str, seq: int) -> bytes:
+    return _scoped(b"O", sink) + _U64.pack(seq)
+
+
+def outbox_prefix(sink: str) -> bytes:
+    return _scoped(b"O", sink)
+
+
+def deadletter_key(sink: str, seq: int) -> bytes:
+    return _scoped(b"D", sink) + _U64.pack(seq)
+
+
+def deadletter_prefix(sink: str) -> bytes:
+    return _scoped(b"D", sink)
+
+
+def seq_of(raw: bytes) -> int:
+    """The sequence number at the end of an ``O`` or ``D`` key."""
+    (seq,) = _U64.unpack_from(raw, len(raw) - 8)
+    return int(seq)
+
+
+def meta_key(name: str) -> bytes:
+    return b"M" + name.encode()
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest byte string greater than every string that starts with `prefix`."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return b"\xff" * (len(prefix) + 1)
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])

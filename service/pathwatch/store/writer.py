@@ -1,0 +1,186 @@
+"""IngestWriter: the single writer thread; group commits, a bounded queue, backpressure.
+
+Receivers call `submit` from any thread; it never blocks. The writer drains everything queued,
+merges it, and commits it in one durable RocksDB write, then completes every ticket at once, so
+one WAL write (and fsync) is shared by all exports that arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from pathwatch.clock import Clock
+from pathwatch.observations import ObservationBatch, merge_into
+from pathwatch.store.db import StoreError
+from pathwatch.store.firstseen import FirstSeenStore, Retention
+from pathwatch.telemetry.metrics import Metrics
+
+log = structlog.get_logger(component="store")
+
+
+class Backpressure(Exception):
+    """The writer's queue is full: the caller should answer 'retry later'. Retryable."""
+
+
+class WriteFailed(Exception):
+    """The store could not write the batch (disk full, RocksDB error). Retryable."""
+
+
+class Ticket:
+    """Completion of one submitted batch: `wait` returns once it is durable or failed."""
+
+    __slots__ = ("_done", "error", "size")
+
+    def __init__(self, size: int) -> None:
+        self._done = threading.Event()
+        self.error: Exception | None = None
+        self.size = size
+
+    def wait(self, timeout: float) -> bool:
+        """True when finished within `timeout` seconds (check `error`), False when still pending."""
+        return self._done.wait(timeout)
+
+    def _finish(self, error: Exception | None) -> None:
+        self.error = error
+        self._done.set()
+
+
+@dataclass(frozen=True, slots=True)
+class WriterConfig:
+    max_pending_keys: int = 200_000
+    expiry_interval_s: float = 3600.0
+
+
+class IngestWriter:
+    """Owns every mutation of first-seen state. start() once; shutdown() is bounded and idempotent.
+
+    The queue is bounded by `max_pending_keys` (keys awaiting a write, summed over batches):
+    `submit` raises Backpressure instead of queueing past it.
+    """
+
+    def __init__(
+        self,
+        store: FirstSeenStore,
+        retention: Callable[[], Mapping[str, Retention]],
+        clock: Clock,
+        metrics: Metrics,
+        config: WriterConfig | None = None,
+    ) -> None:
+        self._store = store
+        self._retention = retention
+        self._clock = clock
+        self._metrics = metrics
+        self._config = config or WriterConfig()
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[ObservationBatch, Ticket]] = deque()
+        self._pending = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._next_expiry = 0.0
+        self.last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_error is None
+
+    @property
+    def pending_keys(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._next_expiry = self._clock.monotonic() + 60.0
+        self._thread = threading.Thread(target=self._run, name="pathwatch-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: ObservationBatch) -> Ticket:
+        """Queue `batch` for a durable write. Never blocks; raises Backpressure when full."""
+        ticket = Ticket(len(batch))
+        if not batch:
+            ticket._finish(None)
+            return ticket
+        with self._cond:
+            if self._stopping:
+                raise Backpressure("pathwatch is shutting down")
+            if self._pending + len(batch) > self._config.max_pending_keys and self._pending > 0:
+                raise Backpressure(f"write queue full ({self._pending} keys pending)")
+            self._queue.append((batch, ticket))
+            self._pending += len(batch)
+            self._metrics.store_pending_keys.set(self._pending)
+            self._cond.notify()
+        return ticket
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue and not self._stopping:
+                    self._cond.wait(timeout=1.0)
+                items = list(self._queue)
+                self._queue.clear()
+                stopping = self._stopping
+            if items:
+                self._write(items)
+            if not stopping and self._clock.monotonic() >= self._next_expiry:
+                self._expire()
+            if stopping and not items:
+                return
+
+    def _write(self, items: list[tuple[ObservationBatch, Ticket]]) -> None:
+        merged: ObservationBatch = {}
+        for batch, _ in items:
+            merge_into(merged, batch)
+        error: Exception | None = None
+        started = self._clock.monotonic()
+        try:
+            result = self._store.apply(merged, self._retention(), self._clock.now_ms())
+        except StoreError as exc:
+            error = WriteFailed(str(exc))
+            if self.last_error is None:
+                log.error("store write failed", error=str(exc))
+            self.last_error = str(exc)
+            self._metrics.store_write_errors.inc()
+        else:
+            if self.last_error is not None:
+                log.info("store writes succeed again", previous_error=self.last_error)
+            self.last_error = None
+            self._metrics.store_keys_written.inc(result.keys_written)
+            self._metrics.store_keys_created.inc(result.keys_created)
+            self._metrics.store_write_seconds.observe(self._clock.monotonic() - started)
+        with self._cond:
+            self._pending -= sum(t.size for _, t in items)
+            self._metrics.store_pending_keys.set(self._pending)
+        for _, ticket in items:
+            ticket._finish(error)
+
+    def _expire(self) -> None:
+        self._next_expiry = self._clock.monotonic() + self._config.expiry_interval_s
+        now = self._clock.now_ms()
+        for rule, retention in self._retention().items():
+            try:
+                deleted = self._store.expire(rule, retention, now)
+            except StoreError as exc:
+                log.error("expiry failed", rule=rule, error=str(exc))
+                return
+            self._metrics.store_keys_expired.labels(rule=rule).inc(deleted)
+            if deleted:
+                log.info("expired keys", rule=rule, keys=deleted)
+
+    def expire_now(self) -> None:
+        """Run the expiry sweep on the writer thread at its next turn (tests, admin)."""
+        with self._cond:
+            self._next_expiry = 0.0
+            self._cond.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop. Safe before start and twice."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)

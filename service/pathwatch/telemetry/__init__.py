@@ -1,0 +1,1 @@
+"""Telemetry: the catalogue of Prometheus metrics and the logging set-up."""

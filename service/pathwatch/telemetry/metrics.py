@@ -1,0 +1,183 @@
+"""The catalogue of every Prometheus metric pathwatch exports: name, type, help and labels.
+
+One `Metrics` object per service, on its own registry, so tests can run several services in one
+process. Labels are bounded by configuration (rule ids, sink names, fixed outcome words): never a
+host, path or pid, which would make cardinality follow the fleet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SIZE_BUCKETS = (1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...]
+
+
+class Metrics:
+    """All metrics of one service instance."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.specs: list[MetricSpec] = []
+        r = self.registry
+
+        # Ingest (receiver)
+        self.export_requests = self._counter(
+            "pathwatch_export_requests_total",
+            "OTLP Export requests, by outcome (ok, partial, invalid, unavailable, "
+            "unauthenticated).",
+            ("outcome",),
+        )
+        self.resources = self._counter(
+            "pathwatch_resources_total",
+            "Resources received, by outcome: tracked (a key for at least one rule), untracked "
+            "(process metrics but a key field missing or empty), ignored (no process metrics).",
+            ("outcome",),
+        )
+        self.data_points = self._counter(
+            "pathwatch_data_points_total",
+            "Data points of tracked metrics, by outcome: accepted, too_old, too_far_in_future.",
+            ("outcome",),
+        )
+        self.export_bytes = Histogram(
+            "pathwatch_export_request_bytes",
+            "Size of Export requests after decompression.",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self._spec("pathwatch_export_request_bytes", "histogram", self.export_bytes, ())
+        self.export_seconds = Histogram(
+            "pathwatch_export_duration_seconds",
+            "Time to handle one Export request, decoding to durable write.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._spec("pathwatch_export_duration_seconds", "histogram", self.export_seconds, ())
+
+        # Store
+        self.store_pending_keys = self._gauge(
+            "pathwatch_store_pending_keys", "Keys queued for the writer (bounded).", ()
+        )
+        self.store_keys_written = self._counter(
+            "pathwatch_store_keys_written_total", "Key records written.", ()
+        )
+        self.store_keys_created = self._counter(
+            "pathwatch_store_keys_created_total", "Keys stored for the first time.", ()
+        )
+        self.store_write_errors = self._counter(
+            "pathwatch_store_write_errors_total", "Write batches RocksDB refused.", ()
+        )
+        self.store_keys_expired = self._counter(
+            "pathwatch_store_keys_expired_total",
+            "Keys removed after their retention horizon.",
+            ("rule",),
+        )
+        self.store_write_seconds = Histogram(
+            "pathwatch_store_write_batch_seconds",
+            "Time to merge and durably commit one write batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._spec("pathwatch_store_write_batch_seconds", "histogram", self.store_write_seconds, ())
+        self.store_size_bytes = self._gauge(
+            "pathwatch_store_size_bytes", "RocksDB live SST file size estimate.", ()
+        )
+        self.store_keys_estimate = self._gauge(
+            "pathwatch_store_keys_estimate",
+            "RocksDB estimate of entries (records, indexes and outbox).",
+            (),
+        )
+
+        # Rules
+        self.evaluations = self._counter(
+            "pathwatch_evaluations_total",
+            "Rule evaluations, by rule and outcome (ok, error).",
+            ("rule", "outcome"),
+        )
+        self.evaluation_seconds = Histogram(
+            "pathwatch_evaluation_duration_seconds",
+            "Time to evaluate one rule at one tick.",
+            ("rule",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._spec(
+            "pathwatch_evaluation_duration_seconds", "histogram", self.evaluation_seconds, ("rule",)
+        )
+        self.alerts = self._counter("pathwatch_alerts_total", "Risk events produced.", ("rule",))
+        self.alerts_excluded = self._counter(
+            "pathwatch_alerts_excluded_total", "Alerts dropped by a rule's exclude list.", ("rule",)
+        )
+        self.last_tick = self._gauge(
+            "pathwatch_last_tick_timestamp_seconds",
+            "Unix time of the last tick evaluated successfully.",
+            ("rule",),
+        )
+        self.catchup_ticks = self._counter(
+            "pathwatch_catchup_ticks_total", "Ticks run late after downtime.", ("rule",)
+        )
+        self.skipped_ticks = self._counter(
+            "pathwatch_skipped_ticks_total",
+            "Missed ticks not run because they exceed the catch-up bound.",
+            ("rule",),
+        )
+
+        # Delivery
+        self.deliveries = self._counter(
+            "pathwatch_deliveries_total",
+            "Delivery attempts by sink and outcome (delivered, retried, failed, dead_lettered).",
+            ("sink", "outcome"),
+        )
+        self.outbox_depth = self._gauge(
+            "pathwatch_outbox_depth", "Alerts waiting for delivery, by sink.", ("sink",)
+        )
+        self.outbox_oldest_age = self._gauge(
+            "pathwatch_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered alert, by sink (0 when none).",
+            ("sink",),
+        )
+        self.outbox_full = self._counter(
+            "pathwatch_outbox_full_total",
+            "Alerts not queued for a sink because its outbox was full.",
+            ("sink",),
+        )
+        self.deadletters = self._gauge(
+            "pathwatch_deadletters", "Dead letters kept, by sink.", ("sink",)
+        )
+        self.delivery_seconds = Histogram(
+            "pathwatch_delivery_duration_seconds",
+            "Time of one delivery request, by sink.",
+            ("sink",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._spec(
+            "pathwatch_delivery_duration_seconds", "histogram", self.delivery_seconds, ("sink",)
+        )
+        self.sink_disabled = self._gauge(
+            "pathwatch_sink_disabled", "1 when a sink was disabled (HTTP 410 Gone).", ("sink",)
+        )
+
+    def _spec(self, name: str, kind: str, _metric: object, labels: tuple[str, ...]) -> None:
+        doc = getattr(_metric, "_documentation", "")
+        self.specs.append(MetricSpec(name, kind, str(doc), labels))
+
+    def _counter(self, name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+        metric = Counter(name.removesuffix("_total"), doc, labels, registry=self.registry)
+        self.specs.append(MetricSpec(name, "counter", doc, labels))
+        return metric
+
+    def _gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
+        metric = Gauge(name, doc, labels, registry=self.registry)
+        self.specs.append(MetricSpec(name, "gauge", doc, labels))
+        return metric
