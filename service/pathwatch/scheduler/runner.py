@@ -87,7 +87,7 @@ class TickRunner:
                         overflow.append(item)
             if overflow:
                 log.error(
-                    "outbox full: alerts dead-lettered at once; redrive them once the sink recovers",
+                    "outbox full: alerts dead-lettered at once; redrive when the sink recovers",
                     alerts=len(overflow),
                 )
                 for sink_name, _, _ in overflow:

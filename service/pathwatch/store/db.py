@@ -118,8 +118,13 @@ class Database:
             it.seek_to_last()
         else:
             it.seek(lower)
+        # The bounds are also checked here: rocksdict ignores the lower bound when iterating
+        # in reverse (seen with 0.3.29).
         while it.valid():
-            yield bytes(it.key()), (bytes(it.value()) if values else b"")
+            key = bytes(it.key())
+            if key < lower or key >= upper:
+                return
+            yield key, (bytes(it.value()) if values else b"")
             if reverse:
                 it.prev()
             else:
