@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import signal
@@ -131,8 +130,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pathwatch.alerts.event import rfc3339
-    from pathwatch.store.codec import KeyState
+    from pathwatch.app.inspect import key_view, search_keys
 
     config = _load(args)
     service = _open_offline(config)
@@ -142,22 +140,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"pathwatch: unknown rule {args.rule!r}", file=sys.stderr)
             return EXIT_CONFIG
         assert service.firstseen is not None
-
-        def show(key: tuple[str, ...], state: KeyState) -> None:
-            print(
-                json.dumps(
-                    {
-                        "key": dict(zip(rule.key_fields, key, strict=True)),
-                        "first_seen": rfc3339(state.first_seen_ms),
-                        "last_seen": rfc3339(state.last_seen_ms),
-                        "presence": [
-                            [rfc3339(s * 60_000), rfc3339(e * 60_000)]
-                            for s, e in state.history.runs
-                        ],
-                    }
-                )
-            )
-
         if args.key:
             values = dict(kv.split("=", 1) for kv in args.key)
             missing = [f for f in rule.key_fields if f not in values]
@@ -172,20 +154,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             if state is None:
                 print("key not found", file=sys.stderr)
                 return EXIT_RUNTIME
-            show(key, state)
+            print(json.dumps(key_view(rule, key, state)))
             return 0
-        fields = dict(zip(rule.key_fields, range(len(rule.key_fields)), strict=True))
         shown = 0
-        for key, state in service.firstseen.scan(rule.id):
-            if args.path and not fnmatch.fnmatchcase(
-                key[fields["process.executable.path"]], args.path
-            ):
-                continue
-            if args.name and not fnmatch.fnmatchcase(
-                key[fields["process.executable.name"]], args.name
-            ):
-                continue
-            show(key, state)
+        for view in search_keys(service.firstseen, rule, args.path, args.name):
+            print(json.dumps(view))
             shown += 1
             if shown >= args.limit:
                 print(f"(stopped at --limit {args.limit})", file=sys.stderr)

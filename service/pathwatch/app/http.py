@@ -211,6 +211,28 @@ class _Handler(BaseHTTPRequestHandler):
         outcome = svc.runner.run(rule, at)
         self._json(200, {"alerts": outcome.alerts, "new": outcome.new})
 
+    def _keys(self, query: dict[str, list[str]]) -> None:
+        from pathwatch.app.inspect import search_keys
+
+        svc = self.service
+        assert svc.firstseen is not None
+        rule_id = (query.get("rule") or [svc.rules[0].id])[0]
+        rule = next((r for r in svc.rules if r.id == rule_id), None)
+        if rule is None:
+            raise ApiError(400, f"unknown rule {rule_id!r}")
+        limit = _int_param(query, "limit", 100, 10_000)
+        path = (query.get("path") or [None])[0]
+        name = (query.get("name") or [None])[0]
+        out = []
+        try:
+            for view in search_keys(svc.firstseen, rule, path, name):
+                out.append(view)
+                if len(out) >= limit:
+                    break
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        self._json(200, {"keys": out})
+
     def _deadletters(self, query: dict[str, list[str]]) -> None:
         svc = self.service
         assert svc.alerts is not None
@@ -271,6 +293,7 @@ _ROUTES = {
     ("GET", "/metrics"): _Handler._metrics,
     ("GET", "/api/v1/rules"): _Handler._rules,
     ("GET", "/api/v1/alerts"): _Handler._alerts,
+    ("GET", "/api/v1/keys"): _Handler._keys,
     ("GET", "/api/v1/deadletters"): _Handler._deadletters,
     ("POST", "/api/v1/deadletters/redrive"): _Handler._redrive,
 }
