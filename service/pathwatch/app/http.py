@@ -221,8 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
         if rule is None:
             raise ApiError(400, f"unknown rule {rule_id!r}")
         limit = _int_param(query, "limit", 100, 10_000)
-        path = (query.get("path") or [None])[0]
-        name = (query.get("name") or [None])[0]
+        path = query["path"][0] if query.get("path") else None
+        name = query["name"][0] if query.get("name") else None
         out = []
         try:
             for view in search_keys(svc.firstseen, rule, path, name):
