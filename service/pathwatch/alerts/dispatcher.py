@@ -117,6 +117,7 @@ class SinkWorker:
         """Load outbox records not seen yet (new ticks, redriven dead letters)."""
         try:
             fresh = self._alerts.pending(self.name, 0, limit=10_000)
+            dead = self._alerts.deadletter_count(self.name)
         except StoreError as exc:
             log.error("cannot read outbox", sink=self.name, error=str(exc))
             return
@@ -126,6 +127,7 @@ class SinkWorker:
                     self._queue[d.seq] = d
             self._dirty = False
             self._publish()
+        self._metrics.deadletters.labels(sink=self.name).set(dead)
 
     def _publish(self) -> None:
         self._metrics.outbox_depth.labels(sink=self.name).set(len(self._queue))

@@ -146,16 +146,17 @@ def env_variables() -> list[str]:
     return sorted(_env_paths(Config))
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    """Apply overrides; returns the PATHWATCH_* names that are not settings."""
     paths = _env_paths(Config)
+    unknown = []
     for name, text in env.items():
         if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
             continue
         path = paths.get(name)
         if path is None:
-            close = difflib.get_close_matches(name, list(paths), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"environment variable {name}: not a known setting{hint}")
+            unknown.append(name)
+            continue
         node = raw
         for part in path[:-1]:
             child = node.get(part)
@@ -167,6 +168,20 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             node[path[-1]] = yaml.safe_load(text) if text.strip() else text
         except yaml.YAMLError:
             node[path[-1]] = text
+    return unknown
+
+
+def _check_unknown_env(config: Config, unknown: list[str]) -> None:
+    """A PATHWATCH_* variable that is neither a setting nor a secret the config names is
+    almost always a typo: say so instead of silently ignoring it."""
+    referenced = {n for s in config.sinks for n in (s.secret_env, s.token_env) if n}
+    for name in sorted(set(unknown) - referenced):
+        close = difflib.get_close_matches(name, list(_env_paths(Config)), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"environment variable {name}: not a known setting nor a secret_env/token_env "
+            f"of a sink{hint}"
+        )
 
 
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -184,8 +199,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    _apply_env(raw, env or {})
+    unknown = _apply_env(raw, env or {})
     config: Config = _build(Config, raw, "")
+    _check_unknown_env(config, unknown)
     validate(config)
     return config
 

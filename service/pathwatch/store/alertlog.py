@@ -184,6 +184,9 @@ class AlertStore:
             for key, raw in self._db.scan_prefix(ks.deadletter_prefix(name)):
                 yield Delivery(name, ks.seq_of(key), json.loads(raw))
 
+    def deadletter_count(self, sink: str) -> int:
+        return sum(1 for _ in self._db.scan_prefix(ks.deadletter_prefix(sink), values=False))
+
     def redrive(self, sink: str | None, sinks: Sequence[str]) -> int:
         """Move dead letters back into the outbox (same sequence numbers, attempts reset)."""
         moved = 0

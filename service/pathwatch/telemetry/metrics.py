@@ -34,8 +34,7 @@ class Metrics:
         # Ingest (receiver)
         self.export_requests = self._counter(
             "pathwatch_export_requests_total",
-            "OTLP Export requests, by outcome (ok, partial, invalid, unavailable, "
-            "unauthenticated).",
+            "OTLP Export requests, by outcome (ok, partial, invalid, unavailable).",
             ("outcome",),
         )
         self.resources = self._counter(
@@ -46,7 +45,8 @@ class Metrics:
         )
         self.data_points = self._counter(
             "pathwatch_data_points_total",
-            "Data points of tracked metrics, by outcome: accepted, too_old, too_far_in_future.",
+            "Data points of tracked metrics, by outcome: accepted, too_old, too_far_in_future, "
+            "key_too_long.",
             ("outcome",),
         )
         self.export_bytes = Histogram(
