@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit bench clean docs
+.PHONY: run test lint typecheck unit bench clean docs proto
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pathwatch needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -37,3 +37,10 @@ clean:
 
 docs: $(STAMP)
 	$(BIN)/python -m pathwatch.telemetry.docs > docs/metrics.md
+
+# Regenerates the reduced OTLP view's descriptor set (needs grpcio-tools, installed on demand).
+proto: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'grpcio-tools>=1.66,<2'
+	$(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --descriptor_set_out=service/pathwatch/receiver/otlpview.binpb \
+	  proto/pathwatch/otlpview/v1/otlpview.proto
