@@ -145,3 +145,15 @@ def test_thirty_day_baseline_in_milliseconds(rig: Rig, clock: FakeClock) -> None
     alerts_t2 = rig.runner.run(PARITY_RULE, t2).alerts
     assert [a["fields"]["process.pid"] for a in alerts_t] == ["42"]
     assert [a["fields"]["process.pid"] for a in alerts_t2] == []
+
+
+def test_alert_log_expiry_keeps_pending_deliveries(rig: Rig, clock: FakeClock) -> None:
+    """Expiring the alert log drops old alerts and tick records, never the outbox."""
+    next_hour = START - START % HOUR_MS + HOUR_MS
+    rig.observe(KEY, next_hour - MINUTE_MS)
+    clock.set_ms(next_hour + 61_000)
+    rig.runner.run(PARITY_RULE, next_hour)
+    assert rig.alerts.alerts_since(0)
+    rig.alerts.expire([PARITY_RULE.id], next_hour + 1)
+    assert rig.alerts.alerts_since(0) == []
+    assert rig.alerts.get_tick(PARITY_RULE.id, next_hour) is None

@@ -150,6 +150,7 @@ class Service:
             self.metrics,
             self.first_start_ms,
             cfg.scheduler.catch_up_max_ticks,
+            cfg.scheduler.alert_retention,
         )
         self.scheduler.start()
         if serve_http:

@@ -77,6 +77,7 @@ class Scheduler:
         metrics: Metrics,
         first_start_ms: int,
         catch_up_max_ticks: int = 24,
+        alert_retention_s: float = 30 * 86400.0,
     ) -> None:
         self._rules = [r for r in rules if r.enabled]
         self._runner = runner
@@ -85,6 +86,8 @@ class Scheduler:
         self._metrics = metrics
         self._first_start_ms = first_start_ms
         self._max_ticks = catch_up_max_ticks
+        self._alert_retention_ms = int(alert_retention_s * 1000)
+        self._next_housekeeping = 0.0
         self._cursor: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -134,6 +137,14 @@ class Scheduler:
                 ran += 1
         return ran
 
+    def _housekeeping(self) -> None:
+        """Hourly: drop alerts and tick records past the alert retention."""
+        if self._clock.monotonic() < self._next_housekeeping:
+            return
+        self._next_housekeeping = self._clock.monotonic() + 3600.0
+        before = self._clock.now_ms() - self._alert_retention_ms
+        self._alerts.expire([r.id for r in self._rules], before)
+
     def seconds_until_next(self, now_ms: int) -> float:
         waits = [
             next_tick(r.schedule, self._cursor_of(r)) + r.delay_seconds * 1000 - now_ms
@@ -151,6 +162,7 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.run_due(self._clock.now_ms())
+                self._housekeeping()
                 wait = self.seconds_until_next(self._clock.now_ms())
             except Exception as exc:  # keep the scheduler alive; the error is visible in /readyz
                 self.last_error = str(exc)

@@ -143,8 +143,13 @@ class AlertStore:
                 break
         return out
 
-    def expire_alerts(self, before_ms: int) -> None:
+    def expire(self, rule_ids: Sequence[str], before_ms: int) -> None:
+        """Forget alerts and tick records older than `before_ms` (deliveries are kept)."""
         self._db.delete_range(ks.alert_bound(0), ks.alert_bound(before_ms))
+        for rule_id in rule_ids:
+            self._db.delete_range(
+                ks.tick_key(rule_id, 0), ks.tick_key(rule_id, max(0, before_ms // 60_000))
+            )
 
     # -- outbox ----------------------------------------------------------------------------
 
