@@ -148,7 +148,7 @@ class AlertStore:
         self._db.delete_range(ks.alert_bound(0), ks.alert_bound(before_ms))
         for rule_id in rule_ids:
             self._db.delete_range(
-                ks.tick_key(rule_id, 0), ks.tick_key(rule_id, max(0, before_ms // 60_000))
+                ks.tick_key(rule_id, 0), ks.tick_key(rule_id, max(0, -(-before_ms // 60_000)))
             )
 
     # -- outbox ----------------------------------------------------------------------------
