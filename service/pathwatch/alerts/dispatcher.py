@@ -33,7 +33,7 @@ def backoff_seconds(
     attempts: int, initial: float, maximum: float, rng: random.Random, retry_after: float | None
 ) -> float:
     """Full jitter: uniform in [0, min(max, initial * 2^(attempts-1))], at least Retry-After."""
-    ceiling = min(maximum, initial * (2 ** max(0, attempts - 1)))
+    ceiling = min(maximum, initial * (2 ** min(max(0, attempts - 1), 62)))
     delay = rng.uniform(0, ceiling)
     if retry_after is not None:
         delay = max(delay, retry_after)

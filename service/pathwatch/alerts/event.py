@@ -11,13 +11,15 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pathwatch.clock import MINUTE_MS
 from pathwatch.engine.evaluate import Finding
 from pathwatch.rules.model import HOST_FIELD, Rule
+from pathwatch.store.codec import encode_key
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TOKEN = re.compile(r"\$([A-Za-z0-9_.]+)\$")
 
 
@@ -37,16 +39,16 @@ def parse_rfc3339(text: str) -> int:
     dt = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
     if dt.tzinfo is None:
         raise ValueError(f"time {text!r} has no UTC offset (append Z for UTC)")
-    return int(dt.timestamp() * 1000)
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
 def alert_id(rule_id: str, key: tuple[str, ...], first_minute: int) -> str:
+    """sha256 over the rule id, the length-prefixed key fields and the minute: unambiguous."""
     h = hashlib.sha256()
     h.update(rule_id.encode())
-    for part in key:
-        h.update(b"\x00")
-        h.update(part.encode("utf-8", "surrogatepass"))
-    h.update(b"\x00\x00")
+    h.update(b"\x00")
+    h.update(encode_key(key))
+    h.update(b"\x00")
     h.update(str(first_minute).encode())
     return h.hexdigest()[:32]
 

@@ -3,7 +3,7 @@
 Every RocksDB key starts with a one-byte keyspace tag (see ``keyspace.py``). Within the
 first-seen keyspaces a process key tuple is encoded field by field as
 ``u16 big-endian byte length`` + UTF-8 bytes, so any string (even one holding NUL) round-trips and
-tuples sort field by field.
+tuples of equal field lengths sort field by field.
 
 A key record (the value under ``R``) is, little-endian::
 
@@ -21,7 +21,6 @@ a later release migrates records by version byte.
 from __future__ import annotations
 
 import struct
-from array import array
 from dataclasses import dataclass
 
 from pathwatch.store.presence import PresenceHistory
@@ -71,11 +70,8 @@ def decode_key(raw: bytes) -> KeyTuple:
 
 def encode_state(state: KeyState) -> bytes:
     runs = state.history.runs
-    flat = array("I", [m for run in runs for m in run])
-    return (
-        _HEADER.pack(RECORD_VERSION, 0, len(runs), state.first_seen_ms, state.last_seen_ms)
-        + flat.tobytes()
-    )
+    header = _HEADER.pack(RECORD_VERSION, 0, len(runs), state.first_seen_ms, state.last_seen_ms)
+    return header + struct.pack(f"<{2 * len(runs)}I", *(m for run in runs for m in run))
 
 
 def decode_state(raw: bytes) -> KeyState:
@@ -84,9 +80,8 @@ def decode_state(raw: bytes) -> KeyState:
     version, _flags, n, first, last = _HEADER.unpack_from(raw)
     if version != RECORD_VERSION:
         raise RecordFormatError(f"key record format version {version} is not supported")
-    flat = array("I")
-    flat.frombytes(raw[_HEADER.size : _HEADER.size + 8 * n])
-    if len(flat) != 2 * n:
+    if len(raw) < _HEADER.size + 8 * n:
         raise RecordFormatError("key record is truncated")
+    flat = struct.unpack_from(f"<{2 * n}I", raw, _HEADER.size)
     runs = tuple((flat[i], flat[i + 1]) for i in range(0, 2 * n, 2))
     return KeyState(first, last, PresenceHistory(runs))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import structlog
 from rocksdict import (
     AccessType,
     DBCompressionType,
@@ -18,6 +21,10 @@ from rocksdict import (
 )
 
 from pathwatch.store.keyspace import prefix_end
+
+log = structlog.get_logger(component="store")
+
+_RECOVERY_INTERVAL_S = 2.0
 
 
 class StoreError(RuntimeError):
@@ -67,43 +74,78 @@ class Database:
         self.options = options or DatabaseOptions()
         self.path = path
         os.makedirs(path, exist_ok=True)
+        self._db = self._open()
+        self._write_opts = WriteOptions()
+        self._write_opts.sync = self.options.fsync
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._recover_lock = threading.Lock()
+        self._failing = False
+        self._last_recovery = 0.0
+
+    def _open(self) -> Rdict:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.set_compression_type(DBCompressionType.lz4())
         opts.set_write_buffer_size(self.options.write_buffer_bytes)
         opts.set_max_background_jobs(2)
+        access = AccessType.read_only() if self.options.read_only else AccessType.read_write()
         try:
-            access = AccessType.read_only() if self.options.read_only else AccessType.read_write()
-            self._db = Rdict(path, opts, access_type=access)
+            return Rdict(self.path, opts, access_type=access)
         except Exception as exc:
             text = str(exc)
             if "lock" in text.lower():
                 raise DataDirInUse(
-                    f"data directory {path} is in use by another process (a running pathwatch?)"
+                    f"data directory {self.path} is in use by another process "
+                    "(a running pathwatch?)"
                 ) from exc
-            raise StoreError(f"cannot open RocksDB at {path}: {text}") from exc
-        self._write_opts = WriteOptions()
-        self._write_opts.sync = self.options.fsync
-        self._closed = False
-        self._close_lock = threading.Lock()
+            raise StoreError(f"cannot open RocksDB at {self.path}: {text}") from exc
+
+    def _recover(self) -> None:
+        """Reopen after a failed write. RocksDB refuses every write after an I/O error such as
+        a full disk until the database is reopened; doing it here (at most every 2 s) is what
+        lets pathwatch heal by itself once space is freed, without a crash loop."""
+        with self._recover_lock:
+            if not self._failing or time.monotonic() - self._last_recovery < _RECOVERY_INTERVAL_S:
+                return
+            self._last_recovery = time.monotonic()
+            old = self._db
+            # It failed already; closing may fail too, but it releases the file lock.
+            with contextlib.suppress(Exception):
+                old.close()
+            self._db = self._open()
+            self._failing = False
+            log.warning("rocksdb reopened after write errors", path=self.path)
 
     def get(self, key: bytes) -> bytes | None:
-        value = self._db.get(key)
+        try:
+            value = self._db.get(key)
+        except Exception as exc:
+            raise StoreError(f"RocksDB read failed: {exc}") from exc
         return None if value is None else bytes(value)
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         if not keys:
             return []
-        values: list[bytes | None] = self._db.get(keys)  # type: ignore[arg-type,assignment]  # stub: str-only list
+        try:
+            values: list[bytes | None] = self._db.get(keys)  # type: ignore[arg-type,assignment]  # stub: str-only list
+        except Exception as exc:
+            raise StoreError(f"RocksDB read failed: {exc}") from exc
         return values
 
     def commit(self, batch: Batch) -> None:
-        """Apply `batch` atomically; it is in the WAL (and fsynced when configured) on return."""
+        """Apply `batch` atomically; it is in the WAL (and fsynced when configured) on return.
+
+        Raises StoreError (retryable) when RocksDB refuses it; nothing of the batch applies.
+        """
         if batch.count == 0:
             return
+        if self._failing:
+            self._recover()
         try:
             self._db.write(batch._wb, self._write_opts)
         except Exception as exc:
+            self._failing = True
             raise StoreError(f"RocksDB write failed: {exc}") from exc
 
     def scan(
@@ -134,9 +176,12 @@ class Database:
         return self.scan(prefix, prefix_end(prefix), values=values)
 
     def delete_range(self, lower: bytes, upper: bytes) -> None:
+        if self._failing:
+            self._recover()
         try:
             self._db.delete_range(lower, upper, self._write_opts)
         except Exception as exc:
+            self._failing = True
             raise StoreError(f"RocksDB delete_range failed: {exc}") from exc
 
     def property_int(self, name: str) -> int:
@@ -151,4 +196,7 @@ class Database:
             if self._closed:
                 return
             self._closed = True
-            self._db.close()
+            try:
+                self._db.close()
+            except Exception as exc:
+                raise StoreError(f"RocksDB close failed: {exc}") from exc

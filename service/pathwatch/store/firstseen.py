@@ -64,12 +64,15 @@ class FirstSeenStore:
         staged: list[tuple[bytes, KeyState]] = []
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
         rkeys = [ks.record_key(rule, encode_key(key)) for (rule, key), _ in items]
-        missing = [k for k in rkeys if k not in self._cache]
+        # Snapshot the cached states first: remembering one key below may evict another key
+        # of this same batch, which must then still be found (not taken for a new key).
+        cached = {k: s for k in rkeys if (s := self._cache.get(k)) is not None}
+        missing = [k for k in rkeys if k not in cached]
         loaded = dict(zip(missing, self._db.get_many(missing), strict=True))
         now_min = now_ms // MINUTE_MS
         for ((rule, _key), sighting), rkey in zip(items, rkeys, strict=True):
             ret = retention[rule]
-            old = self._cache.get(rkey)
+            old = cached.get(rkey)
             if old is None and (raw := loaded.get(rkey)) is not None:
                 old = decode_state(raw)
             if (

@@ -59,6 +59,8 @@ class PresenceHistory:
 
     def first_in(self, start: int, end: int) -> int | None:
         """The earliest observed minute in ``[start, end)``, or None."""
+        if start >= end:
+            return None
         for run_start, run_end in self.runs:
             if run_end <= start:
                 continue
