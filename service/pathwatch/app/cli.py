@@ -65,15 +65,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from pathwatch.alerts.sinks import build_sink
+    from pathwatch.app.service import check_access
     from pathwatch.clock import SystemClock
     from pathwatch.rules import resolve_rules
 
     config = _load(args)
-    for sink in config.sinks:
-        try:
+    try:
+        for sink in config.sinks:
             build_sink(sink, SystemClock())
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        check_access(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     rules = resolve_rules(config.rules)
     enabled = [r.id for r in rules if r.enabled]
     print(

@@ -8,6 +8,7 @@ names the problem.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.alerts.event import parse_rfc3339, rfc3339
 from pathwatch.clock import MINUTE_MS
 
@@ -51,16 +53,65 @@ def _query_time(query: dict[str, list[str]], name: str, required: bool) -> int |
         raise ApiError(400, f"{name}={values[0]!r} is not an RFC 3339 time: {exc}") from None
 
 
+class _TlsHttpServer(ThreadingHTTPServer):
+    """Wraps each accepted connection with the current TLS context, rebuilt when the
+    certificate files change, so a rotated certificate needs no restart."""
+
+    tls: TlsFiles | None = None
+    _context: ssl.SSLContext | None = None
+    _watch: Any = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        if self.tls is None:
+            return sock, addr
+        if self._watch.changed():
+            try:
+                self._context = self.tls.server_context()
+                log.info("loaded TLS certificate for the admin API")
+            except AccessConfigError as exc:
+                log.error("cannot reload TLS files; keeping the current ones", error=str(exc))
+        assert self._context is not None
+        sock.settimeout(10)  # a client that never finishes its handshake cannot hold a thread
+        return self._context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        ), addr
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError):
+                return
+        super().finish_request(request, client_address)
+
+
 class AdminHttpServer:
-    def __init__(self, service: Service, listen: str) -> None:
+    def __init__(
+        self,
+        service: Service,
+        listen: str,
+        token: BearerToken | None = None,
+        tls: TlsFiles | None = None,
+        protect_probes: bool = False,
+    ) -> None:
         self._service = service
         host, port = split_listen(listen)
-        handler = type("Handler", (_Handler,), {"service": service})
+        handler = type(
+            "Handler",
+            (_Handler,),
+            {"service": service, "token": token, "protect_probes": protect_probes},
+        )
         try:
-            self._server = ThreadingHTTPServer((host, port), handler)
+            self._server = _TlsHttpServer((host, port), handler)
         except OSError as exc:
             raise OSError(f"http.listen: cannot listen on {listen}: {exc.strerror}") from exc
         self._server.daemon_threads = True
+        if tls is not None:
+            self._server.tls = tls
+            self._server._watch = tls.watcher()
+            self._server._watch.changed()
+            self._server._context = tls.server_context()
         self.port: int = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 
@@ -84,6 +135,8 @@ class AdminHttpServer:
 
 class _Handler(BaseHTTPRequestHandler):
     service: Service
+    token: BearerToken | None
+    protect_probes: bool
     server_version = "pathwatch"
     protocol_version = "HTTP/1.1"
 
@@ -107,6 +160,13 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(min(length, 1 << 20))
         try:
+            guarded = url.path.startswith("/api/") or self.protect_probes
+            if (
+                guarded
+                and self.token is not None
+                and not self.token.accepts(self.headers.get("Authorization"))
+            ):
+                raise ApiError(401, "missing or invalid bearer token")
             route = _ROUTES.get((method, url.path))
             if route is not None:
                 route(self, query)
@@ -122,6 +182,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             raise ApiError(404, f"no such endpoint: {method} {url.path}")
         except ApiError as exc:
+            if exc.status == 401:
+                body = json.dumps({"error": str(exc)}).encode() + b"\n"
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Bearer realm="pathwatch"')
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             self._json(exc.status, {"error": str(exc)})
         except Exception as exc:
             log.exception("admin api error", path=url.path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from pathwatch.access import BearerToken, tls_files
 from pathwatch.alerts.dispatcher import Dispatcher
 from pathwatch.clock import DAY_MS, MINUTE_MS, Clock, SystemClock
 from pathwatch.config.model import Config
@@ -41,6 +42,22 @@ def retention_of(rule: Rule, max_runs: int) -> Retention:
         max_runs=max_runs,
         index_minutes=rule.window_minutes + INDEX_EXTRA_MINUTES,
     )
+
+
+def check_access(config: Config) -> None:
+    """Load every token and TLS file once. Raises AccessConfigError (a ValueError) naming
+    the setting when one cannot be used."""
+    for where, auth, tls in (
+        ("receiver.grpc", config.receiver.grpc.auth, config.receiver.grpc.tls),
+        ("http", config.http.auth, config.http.tls),
+    ):
+        BearerToken(
+            auth.bearer_token, auth.bearer_token_file, auth.bearer_token_env,
+            f"{where}.auth.bearer_token",
+        )  # fmt: skip
+        files = tls_files(tls.cert_file, tls.key_file, tls.client_ca_file, f"{where}.tls")
+        if files is not None:
+            files.server_context()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +151,25 @@ class Service:
             outbox_depth=alerts.depth,
             on_commit=self.dispatcher.notify,
         )
+        grpc_cfg = cfg.receiver.grpc
         self.receiver = OtlpGrpcReceiver(
-            cfg.receiver.grpc,
+            grpc_cfg,
             Decoder(self.rules, cfg.receiver.max_key_field_bytes),
             self.writer,
             self.time_bounds,
             self.metrics,
+            token=BearerToken(
+                grpc_cfg.auth.bearer_token,
+                grpc_cfg.auth.bearer_token_file,
+                grpc_cfg.auth.bearer_token_env,
+                "receiver.grpc.auth.bearer_token",
+            ),
+            tls=tls_files(
+                grpc_cfg.tls.cert_file,
+                grpc_cfg.tls.key_file,
+                grpc_cfg.tls.client_ca_file,
+                "receiver.grpc.tls",
+            ),
         )
         self.receiver.start()
         self.scheduler = Scheduler(
@@ -156,7 +186,21 @@ class Service:
         if serve_http:
             from pathwatch.app.http import AdminHttpServer
 
-            server = AdminHttpServer(self, cfg.http.listen)
+            http = cfg.http
+            server = AdminHttpServer(
+                self,
+                http.listen,
+                token=BearerToken(
+                    http.auth.bearer_token,
+                    http.auth.bearer_token_file,
+                    http.auth.bearer_token_env,
+                    "http.auth.bearer_token",
+                ),
+                tls=tls_files(
+                    http.tls.cert_file, http.tls.key_file, http.tls.client_ca_file, "http.tls"
+                ),
+                protect_probes=http.protect_probes,
+            )
             server.start()
             self.http = server
         log.info(

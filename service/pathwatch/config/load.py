@@ -175,12 +175,16 @@ def _check_unknown_env(config: Config, unknown: list[str]) -> None:
     """A PATHWATCH_* variable that is neither a setting nor a secret the config names is
     almost always a typo: say so instead of silently ignoring it."""
     referenced = {n for s in config.sinks for n in (s.secret_env, s.token_env) if n}
+    referenced |= {
+        n
+        for n in (config.receiver.grpc.auth.bearer_token_env, config.http.auth.bearer_token_env)
+        if n
+    }
     for name in sorted(set(unknown) - referenced):
         close = difflib.get_close_matches(name, list(_env_paths(Config)), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(
-            f"environment variable {name}: not a known setting nor a secret_env/token_env "
-            f"of a sink{hint}"
+            f"environment variable {name}: not a known setting nor named by a *_env setting{hint}"
         )
 
 

@@ -14,6 +14,25 @@ ByteSize = NewType("ByteSize", int)
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Server TLS; with client_ca_file, clients must present a certificate it signed (mTLS).
+    The files are re-read when they change."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """A bearer token clients must send (Authorization: Bearer ...); none means open."""
+
+    bearer_token: str | None = None
+    bearer_token_file: str | None = None
+    bearer_token_env: str | None = None
+
+
+@dataclass(frozen=True)
 class GrpcReceiverConfig:
     listen: str = "0.0.0.0:4317"
     max_receive_message_size: ByteSize = ByteSize(64 << 20)
@@ -21,6 +40,8 @@ class GrpcReceiverConfig:
     # How long an Export waits for its observations to become durable before answering
     # UNAVAILABLE (the collector then retries; presence is idempotent, so a retry is harmless).
     ack_timeout: Duration = Duration(10.0)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,11 @@ class ReceiverConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = "0.0.0.0:8080"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    # The token guards /api/; /healthz, /readyz and /metrics stay open for probes and
+    # Prometheus unless protect_probes is true.
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    protect_probes: bool = False
 
 
 @dataclass(frozen=True)

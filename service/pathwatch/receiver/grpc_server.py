@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.config.model import GrpcReceiverConfig
 from pathwatch.receiver.decode import Decoder, DecodeResult, InvalidRequest, TimeBounds
 from pathwatch.store.writer import Backpressure, IngestWriter
@@ -54,6 +55,30 @@ def rejection_message(result: DecodeResult, bounds: TimeBounds) -> str:
     return f"pathwatch rejected {result.points_rejected} data points: " + "; ".join(parts)
 
 
+def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """TLS credentials that pick up rotated certificate files on new handshakes."""
+    cert, key, ca = tls.read()
+    watch = tls.watcher()
+    watch.changed()
+
+    def fetch() -> Any:
+        if not watch.changed():
+            return None
+        try:
+            cert, key, ca = tls.read()
+        except AccessConfigError as exc:
+            log.error("cannot reload TLS files; keeping the current ones", error=str(exc))
+            return None
+        log.info("reloaded TLS certificate for the OTLP receiver")
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    return grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca),
+        fetch,
+        require_client_authentication=ca is not None,
+    )
+
+
 class OtlpGrpcReceiver:
     """gRPC server on `config.listen`. start() binds (raises OSError when it cannot);
     shutdown(grace) stops accepting, lets in-flight exports finish for `grace` seconds.
@@ -66,8 +91,12 @@ class OtlpGrpcReceiver:
         writer: IngestWriter,
         bounds: Callable[[], TimeBounds],
         metrics: Metrics,
+        token: BearerToken | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self._config = config
+        self._token = token
+        self._tls = tls
         self._decoder = decoder
         self._writer = writer
         self._bounds = bounds
@@ -106,7 +135,10 @@ class OtlpGrpcReceiver:
         )
         server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port(self._config.listen)
+        if self._tls is None:
+            port = server.add_insecure_port(self._config.listen)
+        else:
+            port = server.add_secure_port(self._config.listen, _credentials(self._tls))
         if not port:
             raise OSError(f"receiver.grpc.listen: cannot listen on {self._config.listen}")
         server.start()
@@ -114,7 +146,14 @@ class OtlpGrpcReceiver:
         self.port = port
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("otlp grpc receiver listening", listen=self._config.listen, port=port)
+        log.info(
+            "otlp grpc receiver listening",
+            listen=self._config.listen,
+            port=port,
+            tls=self._tls is not None,
+            mtls=bool(self._tls and self._tls.client_ca_file),
+            auth=bool(self._token and self._token.enabled),
+        )
 
     def shutdown(self, grace: float = 5.0) -> None:
         """Safe before start and twice."""
@@ -135,6 +174,13 @@ class OtlpGrpcReceiver:
 
     def _handle(self, request: bytes, context: grpc.ServicerContext) -> Any:
         metrics = self._metrics
+        if self._token is not None and self._token.enabled:
+            presented = next(
+                (str(v) for k, v in context.invocation_metadata() if k == "authorization"), None
+            )
+            if not self._token.accepts(presented):
+                metrics.export_requests.labels(outcome="unauthenticated").inc()
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         bounds = self._bounds()
         try:
             result = self._decoder.decode(request, bounds)

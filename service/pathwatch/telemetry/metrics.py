@@ -34,7 +34,8 @@ class Metrics:
         # Ingest (receiver)
         self.export_requests = self._counter(
             "pathwatch_export_requests_total",
-            "OTLP Export requests, by outcome (ok, partial, invalid, unavailable).",
+            "OTLP Export requests, by outcome (ok, partial, invalid, unavailable, "
+            "unauthenticated).",
             ("outcome",),
         )
         self.resources = self._counter(
