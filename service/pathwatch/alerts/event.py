@@ -123,3 +123,59 @@ def risk_event(finding: Finding) -> RiskEvent:
         "last_seen": rfc3339(finding.state.last_seen_ms),
     }
     return RiskEvent(event_id, rule.id, finding.tick_ms, risk.score, body)
+
+
+def _summary_event(
+    rule: Rule, kind: str, time_ms: int, risk_object: str, message: str, extra: dict[str, Any]
+) -> RiskEvent:
+    h = hashlib.sha256(f"{rule.id}\x00{kind}\x00{risk_object}\x00{time_ms}".encode())
+    event_id = h.hexdigest()[:32]
+    body: dict[str, Any] = {
+        "id": event_id,
+        "kind": kind,
+        "time": rfc3339(time_ms),
+        "rule": {"id": rule.id, "name": rule.name, "search_name": rule.search_name},
+        "risk_object": risk_object,
+        "risk_object_type": rule.risk.object_type,
+        "risk_score": rule.risk.score,
+        "impact": rule.risk.impact,
+        "confidence": rule.risk.confidence,
+        "risk_message": message,
+        "annotations": rule_annotations(rule),
+        "fields": {"host": risk_object},
+        **extra,
+    }
+    return RiskEvent(event_id, rule.id, time_ms, rule.risk.score, body)
+
+
+def key_limit_event(rule: Rule, host: str | None, hour_ms: int, limit: int) -> RiskEvent:
+    """One alert standing in for a flood of new keys that were not tracked."""
+    if host is None:
+        message = (
+            f"New-key limit reached for the whole fleet: over {limit} new keys in the hour "
+            "from " + rfc3339(hour_ms) + "; further new keys are not tracked this hour"
+        )
+        return _summary_event(rule, "new_key_limit", hour_ms, "*", message, {"limit": limit})
+    message = (
+        f"New-key limit reached on host {host}: over {limit} new keys in the hour from "
+        + rfc3339(hour_ms)
+        + "; further new keys from it are not tracked this hour"
+    )
+    return _summary_event(rule, "new_key_limit", hour_ms, host, message, {"limit": limit})
+
+
+def flood_event(rule: Rule, tick_ms: int, suppressed: list[RiskEvent]) -> RiskEvent:
+    """One alert summarising the alerts of a tick past the per-tick cap."""
+    hosts = sorted({e.body["risk_object"] for e in suppressed})
+    paths = sorted({e.body["fields"].get("process.executable.path", "") for e in suppressed})
+    message = (
+        f"{len(suppressed)} more alerts of rule {rule.name} at {rfc3339(tick_ms)} were "
+        f"summarised (per-tick cap reached) on {len(hosts)} host(s); see GET /api/v1/alerts"
+    )
+    extra = {
+        "suppressed": len(suppressed),
+        "sample_hosts": hosts[:10],
+        "sample_paths": [p for p in paths if p][:10],
+        "suppressed_ids": [e.id for e in suppressed[:100]],
+    }
+    return _summary_event(rule, "alert_flood", tick_ms, "*", message, extra)

@@ -14,11 +14,13 @@ import structlog
 
 from pathwatch.access import BearerToken, tls_files
 from pathwatch.alerts.dispatcher import Dispatcher
+from pathwatch.alerts.event import key_limit_event
 from pathwatch.clock import DAY_MS, MINUTE_MS, Clock, SystemClock
 from pathwatch.config.model import Config
 from pathwatch.receiver.decode import Decoder, TimeBounds
 from pathwatch.receiver.grpc_server import OtlpGrpcReceiver
 from pathwatch.rules import Rule, resolve_rules
+from pathwatch.rules.model import HOST_FIELD
 from pathwatch.scheduler import Scheduler, TickRunner
 from pathwatch.store import (
     AlertStore,
@@ -29,6 +31,7 @@ from pathwatch.store import (
     Retention,
     WriterConfig,
 )
+from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="app")
@@ -107,7 +110,16 @@ class Service:
             cfg.data_dir,
             DatabaseOptions(fsync=cfg.store.fsync, block_cache_bytes=cfg.store.block_cache_size),
         )
-        self.firstseen = FirstSeenStore(self.db, cfg.store.cache_keys)
+        self.firstseen = FirstSeenStore(
+            self.db,
+            cfg.store.cache_keys,
+            NewKeyGuard(cfg.limits.new_keys_per_host_per_hour, cfg.limits.new_keys_per_hour),
+            {
+                r.id: r.key_fields.index(HOST_FIELD)
+                for r in self.rules
+                if HOST_FIELD in r.key_fields
+            },
+        )
         self.alerts = AlertStore(self.db)
         first = self.alerts.get_meta("first_start_ms")
         if first is None:
@@ -137,6 +149,7 @@ class Service:
                 max_pending_keys=cfg.store.max_pending_keys,
                 expiry_interval_s=cfg.store.expiry_interval,
             ),
+            on_limit=self._on_key_limit,
         )
         self.writer.start()
         self.dispatcher = Dispatcher(cfg.sinks, self.alerts, self.clock, self.metrics)
@@ -150,6 +163,7 @@ class Service:
             self.metrics,
             outbox_depth=alerts.depth,
             on_commit=self.dispatcher.notify,
+            max_alerts_per_tick=cfg.limits.max_alerts_per_tick,
         )
         grpc_cfg = cfg.receiver.grpc
         self.receiver = OtlpGrpcReceiver(
@@ -210,6 +224,14 @@ class Service:
             sinks=[s.name for s in cfg.sinks],
             seconds=round(time.monotonic() - started, 3),
         )
+
+    def _on_key_limit(self, hits: tuple[LimitHit, ...]) -> None:
+        """Writer thread: one summary alert per host (or fleet) and hour past a new-key cap."""
+        rules = {r.id: r for r in self.rules}
+        if self.runner is not None:
+            self.runner.publish(
+                [key_limit_event(rules[h.rule_id], h.host, h.hour_ms, h.limit) for h in hits]
+            )
 
     def readiness(self) -> Readiness:
         checks: dict[str, str] = {}

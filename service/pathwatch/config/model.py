@@ -84,6 +84,17 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Flood guards (0 disables one). Past a new-key cap, data is accepted but the new keys
+    are not tracked and one summary alert per host and hour says so; past max_alerts_per_tick,
+    the remaining alerts of that tick are recorded and summarised in one alert."""
+
+    new_keys_per_host_per_hour: int = 10_000
+    new_keys_per_hour: int = 1_000_000
+    max_alerts_per_tick: int = 1_000
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # json, console, or auto (console on a terminal, JSON otherwise)
@@ -173,5 +184,6 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     rules: list[RuleConfig] = field(default_factory=list)
     sinks: list[SinkConfig] = field(default_factory=list)

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from pathwatch.alerts.event import RiskEvent, risk_event
+from pathwatch.alerts.event import RiskEvent, flood_event, risk_event
 from pathwatch.clock import Clock
 from pathwatch.config.model import SinkConfig
 from pathwatch.engine.evaluate import PresenceReader, evaluate
@@ -46,7 +46,9 @@ class TickRunner:
         metrics: Metrics,
         outbox_depth: Callable[[str], int],
         on_commit: Callable[[], None] = lambda: None,
+        max_alerts_per_tick: int = 0,
     ) -> None:
+        self._max_alerts = max_alerts_per_tick
         self._reader = reader
         self._alerts = alerts
         self._sinks = list(sinks)
@@ -56,9 +58,60 @@ class TickRunner:
         self._on_commit = on_commit
         self._lock = threading.Lock()
 
+    def _route(
+        self, events: Sequence[RiskEvent]
+    ) -> tuple[list[tuple[str, str, dict[str, Any]]], list[tuple[str, str, dict[str, Any]]]]:
+        """(deliveries, overflow): each event for each sink that wants it; past a sink's
+        outbox bound, into overflow (dead-lettered at once, reported)."""
+        deliveries = []
+        overflow = []
+        for sink in self._sinks:
+            room = sink.max_queue - self._outbox_depth(sink.name)
+            for event in events:
+                if not sink_wants(sink, event):
+                    continue
+                item = (sink.name, event.id, event.body)
+                if room > 0:
+                    deliveries.append(item)
+                    room -= 1
+                else:
+                    overflow.append(item)
+        if overflow:
+            log.error(
+                "outbox full: alerts dead-lettered at once; redrive when the sink recovers",
+                alerts=len(overflow),
+            )
+            for sink_name, _, _ in overflow:
+                self._metrics.outbox_full.labels(sink=sink_name).inc()
+        return deliveries, overflow
+
+    def publish(self, events: Sequence[RiskEvent]) -> None:
+        """Record and deliver alerts that belong to no tick (flood-guard summaries).
+
+        Raises StoreError (retryable) when the commit fails.
+        """
+        if not events:
+            return
+        with self._lock:
+            deliveries, overflow = self._route(events)
+            self._alerts.commit_tick(
+                None,
+                [(e.id, e.time_ms, e.body) for e in events],
+                deliveries,
+                overflow,
+                now_ms=self._clock.now_ms(),
+            )
+        for e in events:
+            self._metrics.alerts.labels(rule=e.rule_id).inc()
+            log.warning("summary alert", rule=e.rule_id, kind=e.body.get("kind"),
+                        risk_object=e.body["risk_object"])  # fmt: skip
+        self._on_commit()
+
     def run(self, rule: Rule, tick_ms: int) -> TickOutcome:
         """Evaluate and record `rule` at `tick_ms`, or return what was recorded for it before.
 
+        Past `max_alerts_per_tick`, the remaining alerts are recorded (listed by the API) but
+        not delivered; one summary alert is delivered in their place.
         Raises StoreError (retryable) when the commit fails; then nothing was recorded.
         """
         with self._lock:
@@ -72,26 +125,13 @@ class TickRunner:
                 self._metrics.evaluations.labels(rule=rule.id, outcome="error").inc()
                 raise
             events = [risk_event(f) for f in evaluation.findings]
-            deliveries = []
-            overflow = []
-            for sink in self._sinks:
-                room = sink.max_queue - self._outbox_depth(sink.name)
-                for event in events:
-                    if not sink_wants(sink, event):
-                        continue
-                    item = (sink.name, event.id, event.body)
-                    if room > 0:
-                        deliveries.append(item)
-                        room -= 1
-                    else:
-                        overflow.append(item)
-            if overflow:
-                log.error(
-                    "outbox full: alerts dead-lettered at once; redrive when the sink recovers",
-                    alerts=len(overflow),
-                )
-                for sink_name, _, _ in overflow:
-                    self._metrics.outbox_full.labels(sink=sink_name).inc()
+            deliver = events
+            if self._max_alerts and len(events) > self._max_alerts:
+                deliver = [*events[: self._max_alerts],
+                           flood_event(rule, tick_ms, events[self._max_alerts :])]  # fmt: skip
+                events = [*events, deliver[-1]]
+                self._metrics.alerts_summarised.labels(rule=rule.id).inc(len(events) - len(deliver))
+            deliveries, overflow = self._route(deliver)
             record = TickRecord(
                 rule.id,
                 tick_ms,

@@ -81,42 +81,42 @@ class AlertStore:
 
     def commit_tick(
         self,
-        tick: TickRecord,
+        tick: TickRecord | None,
         events: Sequence[tuple[str, int, dict[str, Any]]],
         deliveries: Sequence[tuple[str, str, dict[str, Any]]],
         overflow: Sequence[tuple[str, str, dict[str, Any]]] = (),
+        now_ms: int = 0,
     ) -> bool:
-        """Record `tick` with its alerts and deliveries atomically. False if already recorded.
+        """Record `tick` (or, with tick None, alerts outside any tick) with its alerts and
+        deliveries atomically. False, and nothing written, if the tick was recorded before.
 
         `events` are (alert id, time ms, event); `deliveries` are (sink, alert id, event) for
         the outbox and `overflow` the same for sinks whose outbox was full (dead-lettered at once).
         """
         with self._lock:
-            if self.get_tick(tick.rule_id, tick.tick_ms) is not None:
-                return False
             b = Batch()
-            b.put(
-                ks.tick_key(tick.rule_id, tick.tick_ms // 60_000),
-                json.dumps(
-                    {
-                        "tick_ms": tick.tick_ms,
-                        "alert_ids": list(tick.alert_ids),
-                        "evaluated_ms": tick.evaluated_ms,
-                        "excluded": tick.excluded,
-                    }
-                ).encode(),
-            )
+            if tick is not None:
+                if self.get_tick(tick.rule_id, tick.tick_ms) is not None:
+                    return False
+                now_ms = tick.evaluated_ms
+                b.put(
+                    ks.tick_key(tick.rule_id, tick.tick_ms // 60_000),
+                    json.dumps(
+                        {
+                            "tick_ms": tick.tick_ms,
+                            "alert_ids": list(tick.alert_ids),
+                            "evaluated_ms": tick.evaluated_ms,
+                            "excluded": tick.excluded,
+                        }
+                    ).encode(),
+                )
             for alert_id, time_ms, event in events:
                 b.put(ks.alert_key(time_ms, alert_id), json.dumps(event).encode())
             seq = self._seq
             for kind, items in ((ks.outbox_key, deliveries), (ks.deadletter_key, overflow)):
                 for sink, alert_id, event in items:
                     seq += 1
-                    record = {
-                        "alert_id": alert_id,
-                        "enqueued_ms": tick.evaluated_ms,
-                        "event": event,
-                    }
+                    record = {"alert_id": alert_id, "enqueued_ms": now_ms, "event": event}
                     if kind is ks.deadletter_key:
                         record["reason"] = "outbox full"
                     b.put(kind(sink, seq), json.dumps(record).encode())

@@ -19,6 +19,7 @@ from pathwatch.observations import KeyTuple, ObservationBatch
 from pathwatch.store import keyspace as ks
 from pathwatch.store.codec import KeyState, decode_key, decode_state, encode_key, encode_state
 from pathwatch.store.db import Batch, Database
+from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory
 
 MINUTES_PER_HOUR = 60
@@ -38,13 +39,24 @@ class Retention:
 class ApplyResult:
     keys_written: int
     keys_created: int
+    keys_refused: int = 0
+    limit_hits: tuple[LimitHit, ...] = ()
 
 
 class FirstSeenStore:
     """First-seen state over a Database. See the module docstring for the write discipline."""
 
-    def __init__(self, db: Database, cache_keys: int = 100_000) -> None:
+    def __init__(
+        self,
+        db: Database,
+        cache_keys: int = 100_000,
+        guard: NewKeyGuard | None = None,
+        host_field: Mapping[str, int] | None = None,
+    ) -> None:
         self._db = db
+        self._guard = guard or NewKeyGuard()
+        # Per rule, the position of the host in its key tuple (rules without one use "").
+        self._host_field = dict(host_field or {})
         self._cache: dict[bytes, KeyState] = {}
         self._cache_keys = max(0, cache_keys)
 
@@ -60,7 +72,8 @@ class FirstSeenStore:
         the cache is left as it was before the call.
         """
         wb = Batch()
-        written = created = 0
+        written = created = refused = 0
+        hits: list[LimitHit] = []
         staged: list[tuple[bytes, KeyState]] = []
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
         rkeys = [ks.record_key(rule, encode_key(key)) for (rule, key), _ in items]
@@ -70,7 +83,7 @@ class FirstSeenStore:
         missing = [k for k in rkeys if k not in cached]
         loaded = dict(zip(missing, self._db.get_many(missing), strict=True))
         now_min = now_ms // MINUTE_MS
-        for ((rule, _key), sighting), rkey in zip(items, rkeys, strict=True):
+        for ((rule, key), sighting), rkey in zip(items, rkeys, strict=True):
             ret = retention[rule]
             old = cached.get(rkey)
             if old is None and (raw := loaded.get(rkey)) is not None:
@@ -88,6 +101,14 @@ class FirstSeenStore:
             minutes = [m for m in sighting.minutes if m >= horizon]
             if not minutes:
                 continue
+            if old is None:
+                pos = self._host_field.get(rule)
+                verdict = self._guard.admit(rule, key[pos] if pos is not None else "", now_ms)
+                if verdict is not True:
+                    refused += 1
+                    if isinstance(verdict, LimitHit):
+                        hits.append(verdict)
+                    continue
             old_hist = old.history if old else PresenceHistory()
             hist = old_hist.with_minutes(minutes).trimmed(horizon, ret.max_runs)
             first_ms = min(old.first_seen_ms, sighting.first_ms) if old else sighting.first_ms
@@ -110,7 +131,7 @@ class FirstSeenStore:
         self._db.commit(wb)
         for rkey, state in staged:
             self._remember(rkey, state)
-        return ApplyResult(written, created)
+        return ApplyResult(written, created, refused, tuple(hits))
 
     def _remember(self, rkey: bytes, state: KeyState) -> None:
         if self._cache_keys == 0:

@@ -18,6 +18,7 @@ from pathwatch.clock import Clock
 from pathwatch.observations import ObservationBatch, merge_into
 from pathwatch.store.db import StoreError
 from pathwatch.store.firstseen import FirstSeenStore, Retention
+from pathwatch.store.guard import LimitHit
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="store")
@@ -70,7 +71,9 @@ class IngestWriter:
         clock: Clock,
         metrics: Metrics,
         config: WriterConfig | None = None,
+        on_limit: Callable[[tuple[LimitHit, ...]], None] = lambda hits: None,
     ) -> None:
+        self._on_limit = on_limit
         self._store = store
         self._retention = retention
         self._clock = clock
@@ -151,6 +154,18 @@ class IngestWriter:
             self.last_error = None
             self._metrics.store_keys_written.inc(result.keys_written)
             self._metrics.store_keys_created.inc(result.keys_created)
+            if result.keys_refused:
+                self._metrics.keys_refused.inc(result.keys_refused)
+            if result.limit_hits:
+                for hit in result.limit_hits:
+                    scope = "fleet" if hit.host is None else "host"
+                    self._metrics.key_limit_hits.labels(scope=scope).inc()
+                    log.warning("new-key limit reached", rule=hit.rule_id, host=hit.host,
+                                limit=hit.limit)  # fmt: skip
+                try:
+                    self._on_limit(result.limit_hits)
+                except Exception:
+                    log.exception("cannot record the new-key limit alert")
             self._metrics.store_write_seconds.observe(self._clock.monotonic() - started)
         with self._cond:
             self._pending -= sum(t.size for _, t in items)

@@ -119,6 +119,22 @@ class Metrics:
         self.alerts_excluded = self._counter(
             "pathwatch_alerts_excluded_total", "Alerts dropped by a rule's exclude list.", ("rule",)
         )
+        self.alerts_summarised = self._counter(
+            "pathwatch_alerts_summarised_total",
+            "Alerts recorded but not delivered because a tick exceeded max_alerts_per_tick "
+            "(one summary alert is delivered instead).",
+            ("rule",),
+        )
+        self.keys_refused = self._counter(
+            "pathwatch_keys_refused_total",
+            "New keys not tracked because a new-key limit was reached.",
+            (),
+        )
+        self.key_limit_hits = self._counter(
+            "pathwatch_key_limit_hits_total",
+            "New-key limits reached, by scope (host, fleet); each raises one summary alert.",
+            ("scope",),
+        )
         self.last_tick = self._gauge(
             "pathwatch_last_tick_timestamp_seconds",
             "Unix time of the last tick evaluated successfully.",

@@ -1,0 +1,685 @@
+"""The Helm chart, rendered offline by the Helm SDK (helm_python) as `helm template` would."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import pytest
+import yaml
+
+from pathwatch.config import Config
+from pathwatch.telemetry.metrics import Metrics
+from tests.deploy.support import (
+    CHART,
+    CRD_KINDS,
+    DEPLOY,
+    WEBHOOK_SECRET,
+    Manifest,
+    by_kind,
+    check_config,
+    load_manifests,
+    one,
+    validate_kubernetes,
+)
+
+RELEASE, NAMESPACE = "pw", "sec"
+FULLNAME = "pw-pathwatch"
+SELECTOR = f'job="{FULLNAME}", namespace="{NAMESPACE}"'
+
+# Everything optional switched on, as a production install would.
+CUSTOM: dict[str, Any] = {
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "prometheusRule": {"enabled": True, "alertLabels": {"team": "secops"}},
+    "networkPolicy": {
+        "enabled": True,
+        "egress": {
+            "enabled": True,
+            "rules": [
+                {
+                    "to": [{"ipBlock": {"cidr": "203.0.113.10/32"}}],
+                    "ports": [{"protocol": "TCP", "port": 443}],
+                }
+            ],
+        },
+    },
+    "secretEnv": [
+        {"name": "PATHWATCH_WEBHOOK_SECRET", "secretName": "pathwatch-webhook", "key": "secret"},
+        {"name": "SPLUNK_HEC_TOKEN", "secretName": "splunk-hec", "key": "token"},
+    ],
+    "persistence": {"existingClaim": "pathwatch-data"},
+    "config": {
+        "log": {"level": "debug", "format": "json"},
+        "store": {"cache_keys": 200000, "block_cache_size": "128MiB"},
+        "rules": [
+            {
+                "id": "kubernetes_process_running_from_new_path",
+                "schedule": "0 * * * *",
+                "exclude": [{"field": "process.executable.path", "glob": "/usr/lib/jvm/*"}],
+            }
+        ],
+        "sinks": [
+            {
+                "name": "soc",
+                "type": "webhook",
+                "url": "https://soc.example.com/hooks/pathwatch",
+                "secret_env": "PATHWATCH_WEBHOOK_SECRET",
+            },
+            {
+                "name": "splunk",
+                "type": "splunk_hec",
+                "url": "https://splunk.example.com:8088",
+                "token_env": "SPLUNK_HEC_TOKEN",
+            },
+        ],
+    },
+}
+SECRETS = {"PATHWATCH_WEBHOOK_SECRET": WEBHOOK_SECRET, "SPLUNK_HEC_TOKEN": "hec-token"}
+
+ALERTS = {
+    "PathwatchDeliveryFailing": 'rate(pathwatch_deliveries_total{outcome="failed"',
+    "PathwatchDeadLetters": "pathwatch_deadletters{",
+    "PathwatchSinkDisabled": "pathwatch_sink_disabled{",
+    "PathwatchOutboxBacklog": "pathwatch_outbox_oldest_age_seconds{",
+    "PathwatchEvaluationStale": "time() - pathwatch_last_tick_timestamp_seconds{",
+    "PathwatchStoreWriteErrors": "increase(pathwatch_store_write_errors_total{",
+    "PathwatchIngestRejecting": 'rate(pathwatch_export_requests_total{outcome="unavailable"',
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> helm_python.Chart:
+    return helm_python.Chart.load(CHART)
+
+
+def render_files(chart: helm_python.Chart, values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template file name (without the chart prefix) -> rendered text."""
+    files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return {name.split("/templates/", 1)[1]: text for name, text in files.items()}
+
+
+def render(chart: helm_python.Chart, values: dict[str, Any] | None = None) -> list[Manifest]:
+    files = render_files(chart, values)
+    return [
+        obj
+        for name, text in sorted(files.items())
+        if name.endswith(".yaml")
+        for obj in load_manifests(text)
+    ]
+
+
+@pytest.fixture(scope="module")
+def default(chart: helm_python.Chart) -> list[Manifest]:
+    return render(chart)
+
+
+@pytest.fixture(scope="module")
+def custom(chart: helm_python.Chart) -> list[Manifest]:
+    return render(chart, CUSTOM)
+
+
+def pod_spec(objects: list[Manifest]) -> dict[str, Any]:
+    spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(objects: list[Manifest]) -> dict[str, Any]:
+    (c,) = pod_spec(objects)["containers"]
+    return dict(c)
+
+
+def config_text(objects: list[Manifest]) -> str:
+    text: str = one(objects, "ConfigMap")["data"]["config.yaml"]
+    return text
+
+
+def checksum(objects: list[Manifest]) -> str:
+    annotations = one(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    value: str = annotations["checksum/config"]
+    return value
+
+
+# -- the chart as a whole ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, CUSTOM], ids=["default", "custom"])
+def test_chart_lints_without_warnings(values: dict[str, Any] | None) -> None:
+    """`helm lint --strict` reports no warning or error for default and custom values."""
+    report = helm_python.lint(CHART, values, strict=True, kube_version="v1.33.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [] and report["errors"] == [], report
+
+
+def test_default_install_creates_the_core_objects(default: list[Manifest]) -> None:
+    """With default values: ConfigMap, PVC, ServiceAccount, Service and Deployment, nothing
+    that needs the Prometheus Operator."""
+    kinds = sorted(o["kind"] for o in default)
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "Service",
+        "ServiceAccount",
+    ]
+    assert {o["metadata"]["namespace"] for o in default} == {NAMESPACE}
+
+
+@pytest.mark.parametrize("values", [None, CUSTOM], ids=["default", "custom"])
+def test_every_object_is_valid_for_kubernetes(
+    chart: helm_python.Chart, values: dict[str, Any] | None
+) -> None:
+    """Each rendered Kubernetes object passes the API schema strictly (no unknown fields);
+    Prometheus Operator objects are checked for the fields the operator requires."""
+    objects = render(chart, values)
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            assert obj["metadata"]["name"] == FULLNAME
+            assert isinstance(obj["spec"], dict)
+        else:
+            validate_kubernetes(obj)
+
+
+def test_schema_validation_catches_an_invalid_object() -> None:
+    """The Kubernetes validation used here rejects a misspelled field (it is not vacuous)."""
+    broken = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": 4317, "targetPort": "grpc", "appProtocl": "grpc"}]},
+    }
+    with pytest.raises(AssertionError, match="appProtocl"):
+        validate_kubernetes(broken)
+
+
+# -- the Deployment ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, CUSTOM], ids=["default", "custom"])
+def test_single_replica_replaced_with_recreate(
+    chart: helm_python.Chart, values: dict[str, Any] | None
+) -> None:
+    """One replica, Recreate strategy: the old pod releases the RocksDB lock before the new one
+    opens the data dir."""
+    deployment = one(render(chart, values), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_probes_use_health_endpoints_on_the_http_port(default: list[Manifest]) -> None:
+    """Liveness asks /healthz, readiness /readyz, both on the named http port (8080)."""
+    c = container(default)
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 4317, "http": 8080}
+
+
+def test_pod_is_non_root_read_only_and_without_capabilities(default: list[Manifest]) -> None:
+    """uid/fsGroup 10001, runAsNonRoot, read-only root, no privilege escalation, every
+    capability dropped, RuntimeDefault seccomp, no API token."""
+    pod = pod_spec(default)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["fsGroup"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    sc = container(default)["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == 10001
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_writable_paths_are_the_data_volume_and_tmp(default: list[Manifest]) -> None:
+    """The data dir is the PVC at /var/lib/pathwatch, /tmp an emptyDir, the config a read-only
+    ConfigMap mount passed to `pathwatch serve --config`."""
+    c = container(default)
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(default)["volumes"]}
+    assert volumes[mounts["/var/lib/pathwatch"]["name"]]["persistentVolumeClaim"] == {
+        "claimName": FULLNAME
+    }
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert mounts["/etc/pathwatch"]["readOnly"] is True
+    assert volumes[mounts["/etc/pathwatch"]["name"]]["configMap"] == {"name": FULLNAME}
+    assert c["args"][:3] == ["serve", "--config", "/etc/pathwatch/config.yaml"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["PATHWATCH_DATA_DIR"] == yaml.safe_load(config_text(default))["data_dir"]
+    pvc = one(default, "PersistentVolumeClaim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_resources_have_requests_and_a_memory_limit(default: list[Manifest]) -> None:
+    """Default requests 250m CPU / 512Mi and a 1Gi memory limit."""
+    assert container(default)["resources"] == {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+
+
+def test_shutdown_timeout_fits_the_grace_period(chart: helm_python.Chart) -> None:
+    """pathwatch's --shutdown-timeout stays 10 s under terminationGracePeriodSeconds."""
+    objects = render(chart, {"terminationGracePeriodSeconds": 60})
+    args = container(objects)["args"]
+    assert args[args.index("--shutdown-timeout") + 1] == "50"
+    assert pod_spec(objects)["terminationGracePeriodSeconds"] == 60
+
+
+def test_container_ports_follow_the_configured_listen_addresses(chart: helm_python.Chart) -> None:
+    """Changing receiver.grpc.listen moves the container port; the Service keeps 4317 and
+    targets the port by name."""
+    objects = render(chart, {"config": {"receiver": {"grpc": {"listen": "0.0.0.0:14317"}}}})
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert ports["grpc"] == 14317
+    service_ports = {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
+    assert service_ports["grpc"]["port"] == 4317
+    assert service_ports["grpc"]["targetPort"] == "grpc"
+
+
+def test_image_defaults_to_app_version_and_a_digest_wins(chart: helm_python.Chart) -> None:
+    """image.tag defaults to the chart's appVersion; image.digest pins by digest."""
+    assert container(render(chart))["image"] == f"pathwatch:{chart.metadata['appVersion']}"
+    digest = "sha256:" + "a" * 64
+    objects = render(
+        chart, {"image": {"repository": "registry.example/pathwatch", "digest": digest}}
+    )
+    assert container(objects)["image"] == f"registry.example/pathwatch@{digest}"
+
+
+# -- the Service ------------------------------------------------------------------------------
+
+
+def test_service_exposes_grpc_and_http(default: list[Manifest]) -> None:
+    """Port 4317 named grpc with appProtocol grpc, 8080 named http, selecting the pod."""
+    service = one(default, "Service")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == 4317
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["http"]["port"] == 8080
+    pod_labels = one(default, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+# -- the config -------------------------------------------------------------------------------
+
+
+def test_default_config_is_valid_for_pathwatch(default: list[Manifest], tmp_path: Path) -> None:
+    """The ConfigMap's config.yaml parses as YAML, holds the chart defaults and passes
+    `pathwatch check-config`."""
+    text = config_text(default)
+    assert yaml.safe_load(text) == {
+        "data_dir": "/var/lib/pathwatch",
+        "receiver": {"grpc": {"listen": "0.0.0.0:4317"}},
+        "http": {"listen": "0.0.0.0:8080"},
+    }
+    result = check_config(text, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "config OK: data_dir=/var/lib/pathwatch" in result.stdout
+
+
+def test_custom_config_merges_over_defaults_and_is_valid(
+    custom: list[Manifest], tmp_path: Path
+) -> None:
+    """A user config with sinks and rules keeps the chart's listen addresses and data dir and
+    passes `pathwatch check-config` with the secretEnv variables set."""
+    text = config_text(custom)
+    config = yaml.safe_load(text)
+    assert config["data_dir"] == "/var/lib/pathwatch"
+    assert config["receiver"]["grpc"]["listen"] == "0.0.0.0:4317"
+    assert config["http"]["listen"] == "0.0.0.0:8080"
+    assert config["sinks"] == CUSTOM["config"]["sinks"]
+    assert config["store"]["cache_keys"] == 200000
+    result = check_config(text, tmp_path, SECRETS)
+    assert result.returncode == 0, result.stderr
+    assert "2 sink(s)" in result.stdout
+
+
+def test_check_config_rejects_a_sink_whose_secret_is_missing(
+    custom: list[Manifest], tmp_path: Path
+) -> None:
+    """Without the Secret-provided variable, pathwatch refuses the webhook sink: the secretEnv
+    wiring is what makes the custom config start."""
+    result = check_config(config_text(custom), tmp_path, {"SPLUNK_HEC_TOKEN": "t"})
+    assert result.returncode == 2
+    assert "PATHWATCH_WEBHOOK_SECRET" in result.stderr
+
+
+def test_secret_env_becomes_secret_key_refs(custom: list[Manifest]) -> None:
+    """Each secretEnv entry is an env var read from its Secret key, and every secret_env /
+    token_env a sink names is provided."""
+    env = {e["name"]: e for e in container(custom)["env"]}
+    assert env["PATHWATCH_WEBHOOK_SECRET"]["valueFrom"] == {
+        "secretKeyRef": {"name": "pathwatch-webhook", "key": "secret"}
+    }
+    assert env["SPLUNK_HEC_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "splunk-hec", "key": "token"}
+    }
+    sinks = yaml.safe_load(config_text(custom))["sinks"]
+    named = {s.get("secret_env") or s.get("token_env") for s in sinks}
+    assert named <= env.keys()
+
+
+def test_notes_warn_about_a_sink_secret_nobody_provides(chart: helm_python.Chart) -> None:
+    """NOTES.txt warns when a sink's secret_env is not set by secretEnv or extraEnv."""
+    values = copy.deepcopy(CUSTOM)
+    values["secretEnv"] = values["secretEnv"][1:]
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert "sink soc reads secret_env PATHWATCH_WEBHOOK_SECRET" in notes
+    assert "WARNING" not in render_files(chart, CUSTOM)["NOTES.txt"]
+
+
+def test_checksum_annotation_tracks_the_config(
+    chart: helm_python.Chart, default: list[Manifest], custom: list[Manifest]
+) -> None:
+    """The pod's checksum/config is the SHA-256 of config.yaml: it changes (rolling the pod)
+    when the config changes and only then."""
+    text = config_text(default)
+    assert checksum(default) == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
+    assert checksum(custom) != checksum(default)
+    debug = render(chart, {"config": {"log": {"level": "debug"}}})
+    assert checksum(debug) not in (checksum(default), checksum(custom))
+    other = render(chart, {"resources": {"limits": {"memory": "2Gi"}}, "podLabels": {"a": "b"}})
+    assert checksum(other) == checksum(default)
+
+
+# -- persistence ------------------------------------------------------------------------------
+
+
+def test_existing_claim_is_mounted_and_no_pvc_created(custom: list[Manifest]) -> None:
+    """persistence.existingClaim mounts that claim and the chart creates none."""
+    assert by_kind(custom, "PersistentVolumeClaim") == []
+    volumes = {v["name"]: v for v in pod_spec(custom)["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "pathwatch-data"}
+
+
+def test_storage_class_settings(chart: helm_python.Chart) -> None:
+    """storageClass names the class; "-" requests no dynamic provisioning."""
+    fast = one(render(chart, {"persistence": {"storageClass": "fast"}}), "PersistentVolumeClaim")
+    assert fast["spec"]["storageClassName"] == "fast"
+    static = one(render(chart, {"persistence": {"storageClass": "-"}}), "PersistentVolumeClaim")
+    assert static["spec"]["storageClassName"] == ""
+
+
+def test_without_persistence_the_data_dir_is_ephemeral_and_notes_warn(
+    chart: helm_python.Chart,
+) -> None:
+    """persistence.enabled=false uses an emptyDir and NOTES.txt warns that restarts lose the
+    baseline."""
+    values = {"persistence": {"enabled": False}}
+    objects = render(chart, values)
+    assert by_kind(objects, "PersistentVolumeClaim") == []
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+    assert "persistence is disabled" in render_files(chart, values)["NOTES.txt"]
+
+
+# -- values.schema.json -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"replicaCount": "two"}, "/replicaCount"),
+        ({"replicaCount": 2}, "/replicaCount"),
+        ({"persistence": {"size": 5}}, "/persistence/size"),
+        ({"persistence": {"size": "ten gigs"}}, "/persistence/size"),
+        ({"config": {"data_dir": "/data"}}, "/config/data_dir"),
+        ({"config": {"sink": []}}, "/config"),
+        ({"secretEnv": [{"name": "X", "secretName": "s"}]}, "/secretEnv/0"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"servicemonitor": {"enabled": True}}, "servicemonitor"),
+    ],
+)
+def test_schema_rejects_bad_values(
+    chart: helm_python.Chart, values: dict[str, Any], where: str
+) -> None:
+    """values.schema.json refuses wrong types and typos, naming the key, before anything
+    renders."""
+    with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
+        chart.validate_schema(values)
+    with pytest.raises(helm_python.HelmValuesError):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_schema_accepts_the_defaults_and_a_full_configuration(chart: helm_python.Chart) -> None:
+    """The chart's own values and the all-features values validate."""
+    chart.validate_schema(None)
+    chart.validate_schema(CUSTOM)
+
+
+def test_schema_config_keys_match_pathwatch_config() -> None:
+    """The schema's config keys are exactly pathwatch's top-level settings, so a new setting
+    is not refused and a typo is."""
+    schema = helm_python.Chart.load(CHART).schema
+    assert schema is not None
+    keys = set(schema["properties"]["config"]["properties"])
+    assert keys == {f.name for f in dataclasses.fields(Config)}
+
+
+# -- Prometheus Operator objects --------------------------------------------------------------
+
+
+def test_service_monitor_scrapes_metrics_on_the_http_port(custom: list[Manifest]) -> None:
+    """The ServiceMonitor selects the pathwatch Service and scrapes /metrics on its http port,
+    carrying the labels Prometheus selects on."""
+    monitor = one(custom, "ServiceMonitor")
+    service = one(custom, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "http"
+    assert endpoint["path"] == "/metrics"
+    assert "http" in {p["name"] for p in service["spec"]["ports"]}
+
+
+def prometheus_rules(objects: list[Manifest]) -> list[dict[str, Any]]:
+    (group,) = one(objects, "PrometheusRule")["spec"]["groups"]
+    rules: list[dict[str, Any]] = group["rules"]
+    return rules
+
+
+def test_prometheus_rule_has_the_operational_alerts(custom: list[Manifest]) -> None:
+    """Seven alerts, each on this release's series, with a severity, a summary and a
+    description, and the configured extra labels."""
+    rules = {r["alert"]: r for r in prometheus_rules(custom)}
+    assert rules.keys() == ALERTS.keys()
+    for name, start in ALERTS.items():
+        rule = rules[name]
+        assert rule["expr"].startswith(start), name
+        assert SELECTOR in rule["expr"], name
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["labels"]["team"] == "secops"
+        assert len(rule["annotations"]["summary"]) > 20
+        assert len(rule["annotations"]["description"]) > 80
+    assert "> 900" in rules["PathwatchOutboxBacklog"]["expr"]
+    assert "> 7200" in rules["PathwatchEvaluationStale"]["expr"]
+    assert "== 1" in rules["PathwatchSinkDisabled"]["expr"]
+    assert "[15m]) > 0" in rules["PathwatchDeliveryFailing"]["expr"]
+    assert "[10m]) > 0" in rules["PathwatchStoreWriteErrors"]["expr"]
+    assert "[5m]) > 0" in rules["PathwatchIngestRejecting"]["expr"]
+
+
+def test_alerts_use_only_metrics_and_labels_pathwatch_exports(custom: list[Manifest]) -> None:
+    """Every metric an alert reads is in pathwatch's metric catalogue, and every $labels.X its
+    annotations print is a label of that metric (no "<no value>" in a page)."""
+    catalogue = {spec.name: set(spec.labels) for spec in Metrics().specs}
+    for rule in prometheus_rules(custom):
+        metrics = set(re.findall(r"\bpathwatch_[a-z_]+", rule["expr"]))
+        assert metrics and metrics <= catalogue.keys(), rule["alert"]
+        labels = set().union(*(catalogue[m] for m in metrics))
+        for text in rule["annotations"].values():
+            assert set(re.findall(r"\$labels\.(\w+)", text)) <= labels, rule["alert"]
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
+    return found
+
+
+def write_rule_file(custom: list[Manifest], path: Path, annotations: bool = True) -> None:
+    rules = copy.deepcopy(prometheus_rules(custom))
+    if not annotations:
+        for rule in rules:
+            rule.pop("annotations")
+    path.write_text(yaml.safe_dump({"groups": [{"name": "pathwatch", "rules": rules}]}))
+
+
+def test_prometheus_rules_pass_promtool(custom: list[Manifest], tmp_path: Path) -> None:
+    """promtool accepts the rule group: PromQL and annotation templates parse."""
+    write_rule_file(custom, tmp_path / "rules.yaml")
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(tmp_path / "rules.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
+
+
+def series(name: str, values: str, **labels: str) -> dict[str, str]:
+    all_labels = {"job": FULLNAME, "namespace": NAMESPACE, **labels}
+    text = ", ".join(f'{k}="{v}"' for k, v in all_labels.items())
+    return {"series": f"{name}{{{text}}}", "values": values}
+
+
+def fired(**labels: str) -> dict[str, Any]:
+    return {"exp_labels": {"job": FULLNAME, "namespace": NAMESPACE, "team": "secops", **labels}}
+
+
+def test_alerts_fire_on_their_conditions(custom: list[Manifest], tmp_path: Path) -> None:
+    """promtool's rule unit tests: each alert fires on the condition it describes, after its
+    `for`, and ignores healthy series and other jobs' series."""
+    write_rule_file(custom, tmp_path / "rules.yaml", annotations=False)
+    soc = {"sink": "soc"}
+    other_job = {"job": "another-service"}
+    unit = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    series("pathwatch_deliveries_total", "0+1x60", outcome="failed", **soc),
+                    series("pathwatch_deliveries_total", "0+9x60", outcome="delivered", **soc),
+                    series("pathwatch_deadletters", "0 0 3x60", **soc),
+                    series("pathwatch_deadletters", "0x60", sink="ok"),
+                    series("pathwatch_sink_disabled", "1x60", **soc),
+                    series("pathwatch_sink_disabled", "1x60", sink="x", **other_job),
+                    series("pathwatch_outbox_oldest_age_seconds", "1000x60", **soc),
+                    series("pathwatch_outbox_oldest_age_seconds", "30x60", sink="ok"),
+                    series("pathwatch_store_write_errors_total", "0 0 0 1x60"),
+                    series("pathwatch_export_requests_total", "0+5x60", outcome="unavailable"),
+                    series("pathwatch_export_requests_total", "0+50x60", outcome="ok"),
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "30m",
+                        "alertname": "PathwatchDeliveryFailing",
+                        "exp_alerts": [fired(severity="warning", outcome="failed", **soc)],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "PathwatchDeadLetters",
+                        "exp_alerts": [fired(severity="warning", **soc)],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "PathwatchSinkDisabled",
+                        "exp_alerts": [fired(severity="critical", **soc)],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "PathwatchOutboxBacklog",
+                        "exp_alerts": [fired(severity="warning", **soc)],
+                    },
+                    {
+                        "eval_time": "5m",
+                        "alertname": "PathwatchStoreWriteErrors",
+                        "exp_alerts": [fired(severity="critical")],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "PathwatchIngestRejecting",
+                        "exp_alerts": [fired(severity="warning", outcome="unavailable")],
+                    },
+                    # Not yet: the condition holds, but not for 10 minutes.
+                    {"eval_time": "8m", "alertname": "PathwatchIngestRejecting", "exp_alerts": []},
+                ],
+            },
+            {
+                # Two rules: one ticks every hour (its last tick keeps up with time()), the other
+                # stopped at t=0, so it is stale after 2 h and fires 10 min later.
+                "interval": "1m",
+                "input_series": [
+                    series("pathwatch_last_tick_timestamp_seconds", "0+60x200", rule="healthy"),
+                    series("pathwatch_last_tick_timestamp_seconds", "0x200", rule="stuck"),
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2h", "alertname": "PathwatchEvaluationStale", "exp_alerts": []},
+                    {
+                        "eval_time": "2h15m",
+                        "alertname": "PathwatchEvaluationStale",
+                        "exp_alerts": [fired(severity="critical", rule="stuck")],
+                    },
+                ],
+            },
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(unit))
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(tmp_path / "test.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- NetworkPolicy ----------------------------------------------------------------------------
+
+
+def test_network_policy_admits_collectors_and_prometheus_only(custom: list[Manifest]) -> None:
+    """OTLP (grpc) only from the collector agent's pods, admin HTTP only from Prometheus, egress
+    only to DNS and the configured sinks."""
+    policy = one(custom, "NetworkPolicy")
+    spec = policy["spec"]
+    pod_labels = one(custom, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    ingress = {rule["ports"][0]["port"]: rule["from"] for rule in spec["ingress"]}
+    assert ingress.keys() == {"grpc", "http"}
+    agent = yaml.safe_load_all((DEPLOY / "collector" / "daemonset.yaml").read_text())
+    daemonset = next(d for d in agent if d["kind"] == "DaemonSet")
+    agent_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    (collectors,) = ingress["grpc"]
+    assert collectors["podSelector"]["matchLabels"].items() <= agent_labels.items()
+    (prometheus,) = ingress["http"]
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    dns, sinks = spec["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert sinks == CUSTOM["networkPolicy"]["egress"]["rules"][0]
+
+
+def test_network_policy_leaves_egress_open_unless_asked(chart: helm_python.Chart) -> None:
+    """With egress.enabled false the policy restricts ingress only, so sinks stay reachable."""
+    policy = one(render(chart, {"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "egress" not in policy["spec"]
