@@ -216,9 +216,10 @@ def test_single_replica_replaced_with_recreate(
 def test_probes_use_health_endpoints_on_the_http_port(default: list[Manifest]) -> None:
     """Liveness asks /healthz, readiness /readyz, both on the named http port (8080)."""
     c = container(default)
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    http = {"port": "http", "scheme": "HTTP"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", **http}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", **http}
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", **http}
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"grpc": 4317, "http": 8080}
 
@@ -376,7 +377,7 @@ def test_notes_warn_about_a_sink_secret_nobody_provides(chart: helm_python.Chart
     values = copy.deepcopy(CUSTOM)
     values["secretEnv"] = values["secretEnv"][1:]
     notes = render_files(chart, values)["NOTES.txt"]
-    assert "sink soc reads secret_env PATHWATCH_WEBHOOK_SECRET" in notes
+    assert "sink soc secret_env names PATHWATCH_WEBHOOK_SECRET" in notes
     assert "WARNING" not in render_files(chart, CUSTOM)["NOTES.txt"]
 
 

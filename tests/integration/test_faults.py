@@ -136,7 +136,8 @@ def test_kill_9_during_evaluation_reruns_without_duplicates(
     """A tick interrupted by kill -9 runs again after the restart and yields each alert once,
     with the same ids a clean run yields."""
     data = tmp_path / "data"
-    svc = service_factory(data).start()
+    config = {"limits": {"max_alerts_per_tick": 5000}}
+    svc = service_factory(data, config).start()
     t = minute_floor(now_ms())
     for chunk in range(10):
         procs = [Proc(chunk * 1000 + j, f"/tmp/evil-{chunk}-{j}") for j in range(200)]
@@ -150,7 +151,7 @@ def test_kill_9_during_evaluation_reruns_without_duplicates(
     threading.Thread(target=evaluate_until_killed, daemon=True).start()
     time.sleep(0.15)
     svc.kill()
-    svc2 = service_factory(data).start()
+    svc2 = service_factory(data, config).start()
     result = svc2.evaluate(t)
     ids = [a["id"] for a in result["alerts"]]
     assert len(ids) == 2000 and len(set(ids)) == 2000
