@@ -53,9 +53,11 @@ CUSTOM: dict[str, Any] = {
     "secretEnv": [
         {"name": "PATHWATCH_WEBHOOK_SECRET", "secretName": "pathwatch-webhook", "key": "secret"},
         {"name": "SPLUNK_HEC_TOKEN", "secretName": "splunk-hec", "key": "token"},
+        {"name": "PATHWATCH_RECEIVER_TOKEN", "secretName": "pathwatch-receiver", "key": "token"},
     ],
     "persistence": {"existingClaim": "pathwatch-data"},
     "config": {
+        "receiver": {"grpc": {"auth": {"bearer_token_env": "PATHWATCH_RECEIVER_TOKEN"}}},
         "log": {"level": "debug", "format": "json"},
         "store": {"cache_keys": 200000, "block_cache_size": "128MiB"},
         "rules": [
@@ -81,7 +83,11 @@ CUSTOM: dict[str, Any] = {
         ],
     },
 }
-SECRETS = {"PATHWATCH_WEBHOOK_SECRET": WEBHOOK_SECRET, "SPLUNK_HEC_TOKEN": "hec-token"}
+SECRETS = {
+    "PATHWATCH_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    "SPLUNK_HEC_TOKEN": "hec-token",
+    "PATHWATCH_RECEIVER_TOKEN": "receiver-token",
+}
 
 ALERTS = {
     "PathwatchDeliveryFailing": 'rate(pathwatch_deliveries_total{outcome="failed"',
@@ -299,6 +305,41 @@ def test_image_defaults_to_app_version_and_a_digest_wins(chart: helm_python.Char
     assert container(objects)["image"] == f"registry.example/pathwatch@{digest}"
 
 
+def test_probes_and_scrapes_switch_to_https_with_admin_tls(chart: helm_python.Chart) -> None:
+    """With http.tls set, the probes, the ServiceMonitor and the Service's appProtocol use
+    HTTPS."""
+    tls = {"cert_file": "/etc/pathwatch-tls/tls.crt", "key_file": "/etc/pathwatch-tls/tls.key"}
+    objects = render(
+        chart,
+        {
+            "config": {"http": {"tls": tls}},
+            "serviceMonitor": {"enabled": True, "tlsConfig": {"insecureSkipVerify": True}},
+        },
+    )
+    c = container(objects)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS"
+    (endpoint,) = one(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {"insecureSkipVerify": True}
+    ports = {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
+    assert ports["http"]["appProtocol"] == "https"
+
+
+def test_token_protected_probes_are_refused_while_probes_are_on(chart: helm_python.Chart) -> None:
+    """http.protect_probes would make the kubelet's probes fail, so rendering stops with a
+    message; with the probes disabled it renders."""
+    config = {"http": {"protect_probes": True, "auth": {"bearer_token_env": "API_TOKEN"}}}
+    with pytest.raises(helm_python.HelmError, match="protect_probes"):
+        render(chart, {"config": config})
+    off = {"enabled": False}
+    objects = render(
+        chart,
+        {"config": config, "startupProbe": off, "livenessProbe": off, "readinessProbe": off},
+    )
+    assert "livenessProbe" not in container(objects)
+
+
 # -- the Service ------------------------------------------------------------------------------
 
 
@@ -338,7 +379,10 @@ def test_custom_config_merges_over_defaults_and_is_valid(
     text = config_text(custom)
     config = yaml.safe_load(text)
     assert config["data_dir"] == "/var/lib/pathwatch"
-    assert config["receiver"]["grpc"]["listen"] == "0.0.0.0:4317"
+    assert config["receiver"]["grpc"] == {
+        "listen": "0.0.0.0:4317",
+        "auth": {"bearer_token_env": "PATHWATCH_RECEIVER_TOKEN"},
+    }
     assert config["http"]["listen"] == "0.0.0.0:8080"
     assert config["sinks"] == CUSTOM["config"]["sinks"]
     assert config["store"]["cache_keys"] == 200000
@@ -352,14 +396,15 @@ def test_check_config_rejects_a_sink_whose_secret_is_missing(
 ) -> None:
     """Without the Secret-provided variable, pathwatch refuses the webhook sink: the secretEnv
     wiring is what makes the custom config start."""
-    result = check_config(config_text(custom), tmp_path, {"SPLUNK_HEC_TOKEN": "t"})
+    secrets = {k: v for k, v in SECRETS.items() if k != "PATHWATCH_WEBHOOK_SECRET"}
+    result = check_config(config_text(custom), tmp_path, secrets)
     assert result.returncode == 2
     assert "PATHWATCH_WEBHOOK_SECRET" in result.stderr
 
 
 def test_secret_env_becomes_secret_key_refs(custom: list[Manifest]) -> None:
     """Each secretEnv entry is an env var read from its Secret key, and every secret_env /
-    token_env a sink names is provided."""
+    token_env / bearer_token_env the config names is provided."""
     env = {e["name"]: e for e in container(custom)["env"]}
     assert env["PATHWATCH_WEBHOOK_SECRET"]["valueFrom"] == {
         "secretKeyRef": {"name": "pathwatch-webhook", "key": "secret"}
@@ -367,17 +412,21 @@ def test_secret_env_becomes_secret_key_refs(custom: list[Manifest]) -> None:
     assert env["SPLUNK_HEC_TOKEN"]["valueFrom"] == {
         "secretKeyRef": {"name": "splunk-hec", "key": "token"}
     }
-    sinks = yaml.safe_load(config_text(custom))["sinks"]
-    named = {s.get("secret_env") or s.get("token_env") for s in sinks}
+    config = yaml.safe_load(config_text(custom))
+    named = {s.get("secret_env") or s.get("token_env") for s in config["sinks"]}
+    named.add(config["receiver"]["grpc"]["auth"]["bearer_token_env"])
     assert named <= env.keys()
 
 
-def test_notes_warn_about_a_sink_secret_nobody_provides(chart: helm_python.Chart) -> None:
-    """NOTES.txt warns when a sink's secret_env is not set by secretEnv or extraEnv."""
+def test_notes_warn_about_a_secret_variable_nobody_provides(chart: helm_python.Chart) -> None:
+    """NOTES.txt warns when a variable the config reads a secret from is not set by secretEnv
+    or extraEnv."""
     values = copy.deepcopy(CUSTOM)
-    values["secretEnv"] = values["secretEnv"][1:]
+    values["secretEnv"] = values["secretEnv"][1:2]
     notes = render_files(chart, values)["NOTES.txt"]
     assert "sink soc secret_env names PATHWATCH_WEBHOOK_SECRET" in notes
+    assert "receiver.grpc.auth bearer_token_env names PATHWATCH_RECEIVER_TOKEN" in notes
+    assert "sink splunk" not in notes
     assert "WARNING" not in render_files(chart, CUSTOM)["NOTES.txt"]
 
 

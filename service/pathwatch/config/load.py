@@ -229,6 +229,9 @@ def validate(config: Config) -> None:
         raise ConfigError("receiver.grpc.max_receive_message_size: must be at least 1MiB")
     if config.store.max_pending_keys < 1:
         raise ConfigError("store.max_pending_keys: must be at least 1")
+    for name in ("new_keys_per_host_per_hour", "new_keys_per_hour", "max_alerts_per_tick"):
+        if getattr(config.limits, name) < 0:
+            raise ConfigError(f"limits.{name}: must be 0 (off) or positive")
     if not config.data_dir:
         raise ConfigError("data_dir: must not be empty")
     names: set[str] = set()
