@@ -97,6 +97,7 @@ ALERTS = {
     "PathwatchEvaluationStale": "time() - pathwatch_last_tick_timestamp_seconds{",
     "PathwatchStoreWriteErrors": "increase(pathwatch_store_write_errors_total{",
     "PathwatchIngestRejecting": 'rate(pathwatch_export_requests_total{outcome="unavailable"',
+    "PathwatchKeyLimitReached": "increase(pathwatch_key_limit_hits_total{",
 }
 
 
@@ -543,7 +544,7 @@ def prometheus_rules(objects: list[Manifest]) -> list[dict[str, Any]]:
 
 
 def test_prometheus_rule_has_the_operational_alerts(custom: list[Manifest]) -> None:
-    """Seven alerts, each on this release's series, with a severity, a summary and a
+    """Eight alerts, each on this release's series, with a severity, a summary and a
     description, and the configured extra labels."""
     rules = {r["alert"]: r for r in prometheus_rules(custom)}
     assert rules.keys() == ALERTS.keys()
@@ -637,6 +638,8 @@ def test_alerts_fire_on_their_conditions(custom: list[Manifest], tmp_path: Path)
                     series("pathwatch_store_write_errors_total", "0 0 0 1x60"),
                     series("pathwatch_export_requests_total", "0+5x60", outcome="unavailable"),
                     series("pathwatch_export_requests_total", "0+50x60", outcome="ok"),
+                    series("pathwatch_key_limit_hits_total", "0 0 0 1x60", scope="host"),
+                    series("pathwatch_key_limit_hits_total", "0x60", scope="fleet"),
                 ],
                 "alert_rule_test": [
                     {
@@ -668,6 +671,11 @@ def test_alerts_fire_on_their_conditions(custom: list[Manifest], tmp_path: Path)
                         "eval_time": "30m",
                         "alertname": "PathwatchIngestRejecting",
                         "exp_alerts": [fired(severity="warning", outcome="unavailable")],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "PathwatchKeyLimitReached",
+                        "exp_alerts": [fired(severity="warning", scope="host")],
                     },
                     # Not yet: the condition holds, but not for 10 minutes.
                     {"eval_time": "8m", "alertname": "PathwatchIngestRejecting", "exp_alerts": []},
