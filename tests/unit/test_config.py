@@ -9,7 +9,7 @@ import pytest
 
 from pathwatch.config.load import ConfigError, load_config
 from pathwatch.config.model import Config
-from pathwatch.rules import resolve_rules
+from pathwatch.rules import BUILTIN_RULES, resolve_rules
 from pathwatch.rules.builtin import PARITY_RULE, PARITY_RULE_ID
 from pathwatch.rules.model import Exclusion
 
@@ -200,7 +200,7 @@ def test_custom_rule_is_added(tmp_path: Path) -> None:
         {},
     )
     rules = {r.id: r for r in resolve_rules(config.rules)}
-    assert set(rules) == {PARITY_RULE_ID, "node_paths"}
+    assert set(rules) == {*BUILTIN_RULES, "node_paths"}
     custom = rules["node_paths"]
     assert custom.key_fields == ("host.name", "process.executable.path")
     assert (custom.window_minutes, custom.baseline_minutes) == (10, 7 * 24 * 60)

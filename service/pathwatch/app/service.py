@@ -15,12 +15,13 @@ import structlog
 from pathwatch.access import BearerToken, tls_files
 from pathwatch.alerts.dispatcher import Dispatcher
 from pathwatch.alerts.event import key_limit_event
+from pathwatch.alerts.gates import AlertGates
 from pathwatch.clock import DAY_MS, MINUTE_MS, Clock, SystemClock
 from pathwatch.config.model import Config
 from pathwatch.receiver.decode import Decoder, TimeBounds
 from pathwatch.receiver.grpc_server import OtlpGrpcReceiver
 from pathwatch.rules import Rule, resolve_rules
-from pathwatch.rules.model import HOST_FIELD
+from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD
 from pathwatch.scheduler import Scheduler, TickRunner
 from pathwatch.store import (
     AlertStore,
@@ -31,6 +32,7 @@ from pathwatch.store import (
     Retention,
     WriterConfig,
 )
+from pathwatch.store.firstseen import StreamHit
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.telemetry.metrics import Metrics
 
@@ -44,6 +46,9 @@ def retention_of(rule: Rule, max_runs: int) -> Retention:
         horizon_minutes=rule.baseline_minutes + rule.window_minutes + 24 * 60,
         max_runs=max_runs,
         index_minutes=rule.window_minutes + INDEX_EXTRA_MINUTES,
+        stream=rule.mode == "stream",
+        window_minutes=rule.window_minutes,
+        baseline_minutes=rule.baseline_minutes,
     )
 
 
@@ -119,6 +124,11 @@ class Service:
                 for r in self.rules
                 if HOST_FIELD in r.key_fields
             },
+            {
+                r.id: r.key_fields.index(CLUSTER_FIELD)
+                for r in self.rules
+                if CLUSTER_FIELD in r.key_fields
+            },
         )
         self.alerts = AlertStore(self.db)
         first = self.alerts.get_meta("first_start_ms")
@@ -150,6 +160,7 @@ class Service:
                 expiry_interval_s=cfg.store.expiry_interval,
             ),
             on_limit=self._on_key_limit,
+            on_stream=self._on_stream,
         )
         self.writer.start()
         self.dispatcher = Dispatcher(cfg.sinks, self.alerts, self.clock, self.metrics)
@@ -164,6 +175,9 @@ class Service:
             outbox_depth=alerts.depth,
             on_commit=self.dispatcher.notify,
             max_alerts_per_tick=cfg.limits.max_alerts_per_tick,
+            gates=AlertGates(
+                alerts, self.firstseen.entity_first_seen, self.first_start_ms, self.metrics
+            ),
         )
         grpc_cfg = cfg.receiver.grpc
         self.receiver = OtlpGrpcReceiver(
@@ -232,6 +246,27 @@ class Service:
             self.runner.publish(
                 [key_limit_event(rules[h.rule_id], h.host, h.hour_ms, h.limit) for h in hits]
             )
+
+    def _on_stream(self, hits: tuple[StreamHit, ...]) -> None:
+        if self.runner is not None:
+            self.runner.stream({r.id: r for r in self.rules}, hits)
+
+    def baseline_status(self, rule: Rule) -> dict[str, object]:
+        """When the rule's warm-up ends and its baseline spans its full length."""
+        from pathwatch.alerts.event import rfc3339
+
+        warm_until = self.first_start_ms + rule.warmup_minutes * MINUTE_MS
+        full_at = self.first_start_ms + rule.baseline_minutes * MINUTE_MS
+        now = self.clock.now_ms()
+        complete = now >= max(warm_until, full_at)
+        self.metrics.baseline_complete.labels(rule=rule.id).set(1 if complete else 0)
+        return {
+            "first_start": rfc3339(self.first_start_ms),
+            "warmup_until": rfc3339(warm_until),
+            "baseline_full_at": rfc3339(full_at),
+            "complete": complete,
+            "learning_period": f"{rule.learning_period_minutes}m",
+        }
 
     def readiness(self) -> Readiness:
         checks: dict[str, str] = {}

@@ -122,6 +122,10 @@ class RuleConfig:
     schedule: str | None = None
     delay: Duration | None = None
     exclude: list[ExclusionConfig] | None = None
+    mode: str | None = None
+    learning_period: Duration | None = None
+    warmup: Duration | None = None
+    suppress_for: Duration | None = None
     impact: int | None = None
     confidence: int | None = None
     risk_message: str | None = None

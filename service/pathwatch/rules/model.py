@@ -10,6 +10,8 @@ from functools import cached_property
 from pathwatch.observations import KeyTuple
 
 HOST_FIELD = "host.name"
+CLUSTER_FIELD = "k8s.cluster.name"
+PATH_FIELD = "process.executable.path"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class Rule:
     schedule: str = "0 * * * *"
     delay_seconds: float = 60.0
     enabled: bool = True
+    mode: str = "schedule"  # "schedule", or "stream": also alert as soon as a new key arrives
+    learning_period_minutes: int = 0  # a host or cluster younger than this raises no alert
+    warmup_minutes: int = 0  # no alerts until this long after the data dir's first start
+    suppress_for_minutes: int = 0  # one alert per (host, executable path) within this
     risk: Risk = field(default_factory=Risk)
     exclude: tuple[Exclusion, ...] = ()
     mitre_technique_ids: tuple[str, ...] = ("T1204",)
@@ -89,6 +95,19 @@ class Rule:
             if value is not None and exclusion.matches(value):
                 return exclusion
         return None
+
+    def field_value(self, key: KeyTuple, name: str) -> str | None:
+        try:
+            return key[self.key_fields.index(name)]
+        except ValueError:
+            return None
+
+    def suppression_key(self, key: KeyTuple) -> tuple[str, ...]:
+        """What suppress_for groups by: (host, executable path) when the key has them."""
+        parts = [self.field_value(key, f) for f in (HOST_FIELD, PATH_FIELD)]
+        if all(p is not None for p in parts):
+            return tuple(p for p in parts if p is not None)
+        return key
 
     def metric_matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, glob) for glob in self.metrics)

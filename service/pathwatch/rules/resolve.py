@@ -88,6 +88,19 @@ def resolve_rules(configs: Sequence[RuleConfig]) -> list[Rule]:
             changes["schedule"] = cfg.schedule
         if cfg.delay is not None:
             changes["delay_seconds"] = cfg.delay
+        if cfg.mode is not None:
+            if cfg.mode not in ("schedule", "stream"):
+                raise ValueError(f"{where}.mode: expected schedule or stream, got {cfg.mode!r}")
+            changes["mode"] = cfg.mode
+        for name, value in (
+            ("learning_period", cfg.learning_period),
+            ("warmup", cfg.warmup),
+            ("suppress_for", cfg.suppress_for),
+        ):
+            if value is not None:
+                if value % 60:
+                    raise ValueError(f"{where}.{name}: must be a whole number of minutes")
+                changes[f"{name}_minutes"] = int(value // 60)
         if cfg.exclude is not None:
             changes["exclude"] = tuple(
                 _exclusion(e, f"{where}.exclude[{j}]") for j, e in enumerate(cfg.exclude)

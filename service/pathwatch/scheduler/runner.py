@@ -13,12 +13,14 @@ from typing import Any
 
 import structlog
 
-from pathwatch.alerts.event import RiskEvent, flood_event, risk_event
-from pathwatch.clock import Clock
+from pathwatch.alerts.event import RiskEvent, flood_event, rfc3339, risk_event
+from pathwatch.alerts.gates import AlertGates
+from pathwatch.clock import MINUTE_MS, Clock
 from pathwatch.config.model import SinkConfig
-from pathwatch.engine.evaluate import PresenceReader, evaluate
+from pathwatch.engine.evaluate import Finding, PresenceReader, evaluate
 from pathwatch.rules.model import Rule
 from pathwatch.store.alertlog import AlertStore, TickRecord
+from pathwatch.store.firstseen import StreamHit
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="scheduler")
@@ -47,8 +49,10 @@ class TickRunner:
         outbox_depth: Callable[[str], int],
         on_commit: Callable[[], None] = lambda: None,
         max_alerts_per_tick: int = 0,
+        gates: AlertGates | None = None,
     ) -> None:
         self._max_alerts = max_alerts_per_tick
+        self._gates = gates
         self._reader = reader
         self._alerts = alerts
         self._sinks = list(sinks)
@@ -85,8 +89,10 @@ class TickRunner:
                 self._metrics.outbox_full.labels(sink=sink_name).inc()
         return deliveries, overflow
 
-    def publish(self, events: Sequence[RiskEvent]) -> None:
-        """Record and deliver alerts that belong to no tick (flood-guard summaries).
+    def publish(
+        self, events: Sequence[RiskEvent], extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Record and deliver alerts that belong to no tick (stream mode, flood summaries).
 
         Raises StoreError (retryable) when the commit fails.
         """
@@ -100,12 +106,44 @@ class TickRunner:
                 deliveries,
                 overflow,
                 now_ms=self._clock.now_ms(),
+                extra=extra,
             )
         for e in events:
             self._metrics.alerts.labels(rule=e.rule_id).inc()
-            log.warning("summary alert", rule=e.rule_id, kind=e.body.get("kind"),
-                        risk_object=e.body["risk_object"])  # fmt: skip
+            log.warning("alert", rule=e.rule_id, kind=e.body.get("kind", "stream"),
+                        risk_object=e.body["risk_object"], alert_id=e.id)  # fmt: skip
         self._on_commit()
+
+    def stream(self, rules: dict[str, Rule], hits: Sequence[StreamHit]) -> None:
+        """Alert keys that just started a new occurrence (rules in stream mode).
+
+        The id is the one the scheduled evaluation computes for the same occurrence, so the
+        hourly tick (which still runs, as a safety net for late data) never alerts it again.
+        """
+        now = self._clock.now_ms()
+        by_rule: dict[str, list[tuple[Finding, RiskEvent]]] = {}
+        for hit in hits:
+            rule = rules[hit.rule_id]
+            if rule.excluded_by(hit.key) is not None:
+                self._metrics.alerts_excluded.labels(rule=rule.id).inc()
+                continue
+            tick = (hit.first_minute + 1) * MINUTE_MS
+            finding = Finding(rule, tick, hit.key, hit.state, hit.first_minute)
+            event = risk_event(finding)
+            event.body["mode"] = "stream"
+            event.body["window"] = {
+                "start": rfc3339(hit.first_minute * MINUTE_MS),
+                "end": rfc3339(tick),
+            }
+            by_rule.setdefault(rule.id, []).append((finding, event))
+        for rule_id, pairs in by_rule.items():
+            rule = rules[rule_id]
+            kept, extra = [e for _, e in pairs], []
+            if self._gates is not None:
+                gated = self._gates.apply(rule, pairs, now)
+                kept, extra = gated.kept, gated.extra
+            self.publish(kept, extra)
+            self._metrics.stream_alerts.labels(rule=rule_id).inc(len(kept))
 
     def run(self, rule: Rule, tick_ms: int) -> TickOutcome:
         """Evaluate and record `rule` at `tick_ms`, or return what was recorded for it before.
@@ -125,6 +163,12 @@ class TickRunner:
                 self._metrics.evaluations.labels(rule=rule.id, outcome="error").inc()
                 raise
             events = [risk_event(f) for f in evaluation.findings]
+            extra: list[tuple[bytes, bytes]] = []
+            if self._gates is not None:
+                gated = self._gates.apply(
+                    rule, list(zip(evaluation.findings, events, strict=True)), tick_ms
+                )
+                events, extra = gated.kept, gated.extra
             deliver = events
             if self._max_alerts and len(events) > self._max_alerts:
                 deliver = [*events[: self._max_alerts],
@@ -140,7 +184,11 @@ class TickRunner:
                 evaluation.excluded,
             )
             self._alerts.commit_tick(
-                record, [(e.id, e.time_ms, e.body) for e in events], deliveries, overflow
+                record,
+                [(e.id, e.time_ms, e.body) for e in events],
+                deliveries,
+                overflow,
+                extra=extra,
             )
             elapsed = self._clock.monotonic() - started
         m = self._metrics

@@ -86,6 +86,7 @@ class AlertStore:
         deliveries: Sequence[tuple[str, str, dict[str, Any]]],
         overflow: Sequence[tuple[str, str, dict[str, Any]]] = (),
         now_ms: int = 0,
+        extra: Sequence[tuple[bytes, bytes]] = (),
     ) -> bool:
         """Record `tick` (or, with tick None, alerts outside any tick) with its alerts and
         deliveries atomically. False, and nothing written, if the tick was recorded before.
@@ -112,6 +113,9 @@ class AlertStore:
                 )
             for alert_id, time_ms, event in events:
                 b.put(ks.alert_key(time_ms, alert_id), json.dumps(event).encode())
+                b.put(ks.alert_id_key(alert_id), ks.u64(time_ms))
+            for key, value in extra:
+                b.put(key, value)
             seq = self._seq
             for kind, items in ((ks.outbox_key, deliveries), (ks.deadletter_key, overflow)):
                 for sink, alert_id, event in items:
@@ -143,8 +147,21 @@ class AlertStore:
                 break
         return out
 
+    def existing(self, alert_ids: Sequence[str]) -> set[str]:
+        """The ids among `alert_ids` already recorded (by a tick or by stream mode)."""
+        found = self._db.get_many([ks.alert_id_key(a) for a in alert_ids])
+        return {a for a, raw in zip(alert_ids, found, strict=True) if raw is not None}
+
+    def last_suppressed(self, rule_id: str, key: bytes) -> int | None:
+        raw = self._db.get(ks.suppression_key(rule_id, key))
+        return ks.from_u64(raw) if raw else None
+
     def expire(self, rule_ids: Sequence[str], before_ms: int) -> None:
         """Forget alerts and tick records older than `before_ms` (deliveries are kept)."""
+        b = Batch()
+        for key, _ in self._db.scan(ks.alert_bound(0), ks.alert_bound(before_ms), values=False):
+            b.delete(ks.alert_id_key(key[9:].decode()))
+        self._db.commit(b)
         self._db.delete_range(ks.alert_bound(0), ks.alert_bound(before_ms))
         for rule_id in rule_ids:
             self._db.delete_range(

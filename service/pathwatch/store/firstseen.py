@@ -33,6 +33,21 @@ class Retention:
     horizon_minutes: int
     max_runs: int = 256
     index_minutes: int = 3 * MINUTES_PER_DAY
+    # Stream mode: report a key whose first new minute m has no observation in
+    # [m - baseline, m + window) in its stored history.
+    stream: bool = False
+    window_minutes: int = 60
+    baseline_minutes: int = 30 * MINUTES_PER_DAY
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHit:
+    """A key that just started a new occurrence: its state after the write, first minute."""
+
+    rule_id: str
+    key: KeyTuple
+    state: KeyState
+    first_minute: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +56,7 @@ class ApplyResult:
     keys_created: int
     keys_refused: int = 0
     limit_hits: tuple[LimitHit, ...] = ()
+    stream_hits: tuple[StreamHit, ...] = ()
 
 
 class FirstSeenStore:
@@ -52,11 +68,14 @@ class FirstSeenStore:
         cache_keys: int = 100_000,
         guard: NewKeyGuard | None = None,
         host_field: Mapping[str, int] | None = None,
+        cluster_field: Mapping[str, int] | None = None,
     ) -> None:
         self._db = db
         self._guard = guard or NewKeyGuard()
-        # Per rule, the position of the host in its key tuple (rules without one use "").
+        # Per rule, the position of the host / cluster in its key tuple, where it has one.
         self._host_field = dict(host_field or {})
+        self._cluster_field = dict(cluster_field or {})
+        self._entities: dict[bytes, int] = {}
         self._cache: dict[bytes, KeyState] = {}
         self._cache_keys = max(0, cache_keys)
 
@@ -74,6 +93,8 @@ class FirstSeenStore:
         wb = Batch()
         written = created = refused = 0
         hits: list[LimitHit] = []
+        streamed: list[StreamHit] = []
+        new_entities: dict[bytes, int] = {}
         staged: list[tuple[bytes, KeyState]] = []
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
         rkeys = [ks.record_key(rule, encode_key(key)) for (rule, key), _ in items]
@@ -111,6 +132,8 @@ class FirstSeenStore:
                     continue
             old_hist = old.history if old else PresenceHistory()
             hist = old_hist.with_minutes(minutes).trimmed(horizon, ret.max_runs)
+            if old is None:
+                self._note_entities(rule, key, sighting.first_ms, new_entities, wb)
             first_ms = min(old.first_seen_ms, sighting.first_ms) if old else sighting.first_ms
             last_ms = max(old.last_seen_ms, sighting.last_ms) if old else sighting.last_ms
             state = KeyState(first_ms, last_ms, hist)
@@ -126,12 +149,46 @@ class FirstSeenStore:
             if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
                 wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
             staged.append((rkey, state))
+            if ret.stream:
+                fresh = [m for m in minutes if not old_hist.observed(m, m + 1)]
+                m0 = min(fresh, default=None)
+                if m0 is not None and not old_hist.observed(
+                    m0 - ret.baseline_minutes, m0 + ret.window_minutes
+                ):
+                    streamed.append(StreamHit(rule, key, state, m0))
             written += 1
             created += old is None
         self._db.commit(wb)
         for rkey, state in staged:
             self._remember(rkey, state)
-        return ApplyResult(written, created, refused, tuple(hits))
+        if len(self._entities) + len(new_entities) > 200_000:
+            self._entities.clear()  # bounded; a miss costs one RocksDB read
+        self._entities.update(new_entities)
+        return ApplyResult(written, created, refused, tuple(hits), tuple(streamed))
+
+    def _note_entities(
+        self, rule: str, key: KeyTuple, first_ms: int, pending: dict[bytes, int], wb: Batch
+    ) -> None:
+        """Record the first observation of the key's host and cluster, once each."""
+        for kind, positions in (("h", self._host_field), ("c", self._cluster_field)):
+            pos = positions.get(rule)
+            if pos is None:
+                continue
+            ekey = ks.entity_key(kind, key[pos])
+            known = pending.get(ekey) or self._entities.get(ekey)
+            if known is None:
+                raw = self._db.get(ekey)
+                known = ks.from_u64(raw) if raw else None
+                if known is not None:
+                    self._entities[ekey] = known
+            if known is None or first_ms < known:
+                pending[ekey] = first_ms
+                wb.put(ekey, ks.u64(first_ms))
+
+    def entity_first_seen(self, kind: str, name: str) -> int | None:
+        """Unix ms of the first observation of host (kind "h") or cluster ("c") `name`."""
+        raw = self._db.get(ks.entity_key(kind, name))
+        return ks.from_u64(raw) if raw else None
 
     def _remember(self, rkey: bytes, state: KeyState) -> None:
         if self._cache_keys == 0:

@@ -1,17 +1,16 @@
 """The layout of pathwatch's single RocksDB keyspace: one tag byte per kind of record.
 
-=====  ==================================================  =========================================
-tag    key                                                 value
-=====  ==================================================  =========================================
-``R``  R rule 0x00 key                                     key record (codec.py)
-``A``  A rule 0x00 hour:u32be key                          empty: key active in that hour
-``E``  E rule 0x00 day:u32be key                           empty: key last seen on that day (expiry)
-``T``  T rule 0x00 tick-minute:u32be                       tick record, JSON
-``L``  L time-ms:u64be alert-id                            risk event, JSON (the alert log)
-``O``  O sink 0x00 seq:u64be                               delivery record, JSON (the outbox)
-``D``  D sink 0x00 seq:u64be                               dead letter, JSON
-``M``  M name                                              metadata (first start, sequence numbers)
-=====  ==================================================  =========================================
+- ``R rule 0x00 key`` -> key record (codec.py)
+- ``A rule 0x00 hour:u32be key`` -> empty: key active in that hour (activity index)
+- ``E rule 0x00 day:u32be key`` -> empty: key last seen on that day (expiry index)
+- ``T rule 0x00 tick-minute:u32be`` -> tick record, JSON
+- ``L time-ms:u64be alert-id`` -> risk event, JSON (the alert log)
+- ``O sink 0x00 seq:u64be`` -> delivery record, JSON (the outbox)
+- ``D sink 0x00 seq:u64be`` -> dead letter, JSON
+- ``H kind 0x00 name`` -> u64be ms: first observation of a host (kind ``h``) or cluster (``c``)
+- ``I alert-id`` -> u64be ms: the alert exists (deduplication across stream and schedule)
+- ``S rule 0x00 suppression-key`` -> u64be ms: the last alert for it (suppress_for)
+- ``M name`` -> metadata (first start, sequence numbers)
 
 Rule ids and sink names never contain NUL (config validation), so ``tag name 0x00`` is a prefix
 that no other rule or sink shares. Big-endian integers keep time order equal to byte order.
@@ -107,3 +106,24 @@ def prefix_end(prefix: bytes) -> bytes:
     if not trimmed:
         return b"\xff" * (len(prefix) + 1)
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def entity_key(kind: str, name: str) -> bytes:
+    return _scoped(b"H", kind) + name.encode("utf-8", "surrogatepass")
+
+
+def alert_id_key(alert_id: str) -> bytes:
+    return b"I" + alert_id.encode()
+
+
+def suppression_key(rule: str, key: bytes) -> bytes:
+    return _scoped(b"S", rule) + key
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(max(0, value))
+
+
+def from_u64(raw: bytes) -> int:
+    (value,) = _U64.unpack(raw[:8])
+    return int(value)

@@ -17,7 +17,7 @@ import structlog
 from pathwatch.clock import Clock
 from pathwatch.observations import ObservationBatch, merge_into
 from pathwatch.store.db import StoreError
-from pathwatch.store.firstseen import FirstSeenStore, Retention
+from pathwatch.store.firstseen import FirstSeenStore, Retention, StreamHit
 from pathwatch.store.guard import LimitHit
 from pathwatch.telemetry.metrics import Metrics
 
@@ -72,8 +72,10 @@ class IngestWriter:
         metrics: Metrics,
         config: WriterConfig | None = None,
         on_limit: Callable[[tuple[LimitHit, ...]], None] = lambda hits: None,
+        on_stream: Callable[[tuple[StreamHit, ...]], None] = lambda hits: None,
     ) -> None:
         self._on_limit = on_limit
+        self._on_stream = on_stream
         self._store = store
         self._retention = retention
         self._clock = clock
@@ -166,6 +168,12 @@ class IngestWriter:
                     self._on_limit(result.limit_hits)
                 except Exception:
                     log.exception("cannot record the new-key limit alert")
+            if result.stream_hits:
+                # The scheduled tick re-finds these if this fails: it is the safety net.
+                try:
+                    self._on_stream(result.stream_hits)
+                except Exception:
+                    log.exception("cannot record stream alerts; the next tick will")
             self._metrics.store_write_seconds.observe(self._clock.monotonic() - started)
         with self._cond:
             self._pending -= sum(t.size for _, t in items)

@@ -125,6 +125,22 @@ class Metrics:
             "(one summary alert is delivered instead).",
             ("rule",),
         )
+        self.alerts_gated = self._counter(
+            "pathwatch_alerts_gated_total",
+            "Findings not alerted, by rule and reason: warmup (fresh install), learning (new "
+            "host or cluster), duplicate (already alerted by stream or schedule), suppressed "
+            "(suppress_for).",
+            ("rule", "reason"),
+        )
+        self.stream_alerts = self._counter(
+            "pathwatch_stream_alerts_total", "Alerts raised in stream mode.", ("rule",)
+        )
+        self.baseline_complete = self._gauge(
+            "pathwatch_baseline_complete",
+            "1 once a rule's baseline covers its full length since the first start (and its "
+            "warm-up is over), else 0.",
+            ("rule",),
+        )
         self.keys_refused = self._counter(
             "pathwatch_keys_refused_total",
             "New keys not tracked because a new-key limit was reached.",
