@@ -121,3 +121,28 @@ def test_suppress_for_sends_one_alert_per_host_and_path(
     # pid 2 at both ticks and pid 4 at the second; pids 1 and 3 are duplicates of sent alerts
     assert metric(svc, "pathwatch_alerts_gated_total", rule=PARITY, reason="suppressed") == 3
     assert metric(svc, "pathwatch_alerts_gated_total", rule=PARITY, reason="duplicate") == 2
+
+
+def test_alerts_explain_themselves(tmp_path: Path, service_factory: type[ServiceProcess]) -> None:
+    """An alert says where its executable name usually runs, on how many nodes its path and
+    name ran before, and when its host was first seen."""
+    svc = service_factory(tmp_path / "data").start()
+    t = minute_floor(now_ms())
+    usual = [Proc(100 + i, "/usr/bin/python3", host=f"node-{i}") for i in range(5)]
+    usual.append(Proc(200, "/opt/py/bin/python3", host="node-0"))
+    export(svc.grpc_port, process_request(usual, t - 3 * 3_600_000))
+    export(svc.grpc_port, process_request([Proc(300, "/tmp/python3", host="node-9")],
+                                          t - 4 * 3_600_000))  # fmt: skip
+    export(svc.grpc_port, process_request([Proc(301, "/tmp/python3", host="node-9")], t - 60_000))
+    (alert,) = svc.evaluate(t)["alerts"]
+    ctx = alert["context"]
+    assert ctx["name_usual_paths"] == [
+        {"path": "/usr/bin/python3", "nodes": 5},
+        {"path": "/opt/py/bin/python3", "nodes": 1},
+    ]
+    assert ctx["name_seen_on_other_nodes"] == 5
+    assert ctx["path_seen_on_other_nodes"] == 0
+    assert ctx["summary"] == (
+        "python3 usually runs from /usr/bin/python3 on 5 node(s); now from /tmp/python3"
+    )
+    assert ctx["host_first_seen"] is not None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import structlog
 
 from pathwatch.access import BearerToken, tls_files
+from pathwatch.alerts.context import Explainer
 from pathwatch.alerts.dispatcher import Dispatcher
 from pathwatch.alerts.event import key_limit_event
 from pathwatch.alerts.gates import AlertGates
@@ -130,6 +131,8 @@ class Service:
                 if CLUSTER_FIELD in r.key_fields
             },
         )
+        for rule in self.enabled_rules:
+            self.firstseen.set_context_fields(rule.id, rule.key_fields)
         self.alerts = AlertStore(self.db)
         first = self.alerts.get_meta("first_start_ms")
         if first is None:
@@ -178,6 +181,7 @@ class Service:
             gates=AlertGates(
                 alerts, self.firstseen.entity_first_seen, self.first_start_ms, self.metrics
             ),
+            explainer=Explainer(self.firstseen.context, self.firstseen.entity_first_seen),
         )
         grpc_cfg = cfg.receiver.grpc
         self.receiver = OtlpGrpcReceiver(

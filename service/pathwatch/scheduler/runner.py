@@ -13,7 +13,8 @@ from typing import Any
 
 import structlog
 
-from pathwatch.alerts.event import RiskEvent, flood_event, rfc3339, risk_event
+from pathwatch.alerts.context import Explainer
+from pathwatch.alerts.event import RiskEvent, alert_id, flood_event, rfc3339, risk_event
 from pathwatch.alerts.gates import AlertGates
 from pathwatch.clock import MINUTE_MS, Clock
 from pathwatch.config.model import SinkConfig
@@ -50,9 +51,11 @@ class TickRunner:
         on_commit: Callable[[], None] = lambda: None,
         max_alerts_per_tick: int = 0,
         gates: AlertGates | None = None,
+        explainer: Explainer | None = None,
     ) -> None:
         self._max_alerts = max_alerts_per_tick
         self._gates = gates
+        self._explainer = explainer
         self._reader = reader
         self._alerts = alerts
         self._sinks = list(sinks)
@@ -88,6 +91,20 @@ class TickRunner:
             for sink_name, _, _ in overflow:
                 self._metrics.outbox_full.labels(sink=sink_name).inc()
         return deliveries, overflow
+
+    def _explain(self, events: Sequence[RiskEvent], findings: Sequence[Finding]) -> None:
+        """Attach `context` to each event (best effort: a failure leaves it out)."""
+        if self._explainer is None or not events:
+            return
+        by_id = {alert_id(f.rule.id, f.key, f.first_minute): f for f in findings}
+        for event in events:
+            finding = by_id.get(event.id)
+            if finding is None:
+                continue
+            try:
+                event.body["context"] = self._explainer.explain(finding)
+            except Exception:
+                log.exception("cannot build alert context", alert_id=event.id)
 
     def publish(
         self, events: Sequence[RiskEvent], extra: Sequence[tuple[bytes, bytes]] = ()
@@ -142,6 +159,7 @@ class TickRunner:
             if self._gates is not None:
                 gated = self._gates.apply(rule, pairs, now)
                 kept, extra = gated.kept, gated.extra
+            self._explain(kept, [f for f, _ in pairs])
             self.publish(kept, extra)
             self._metrics.stream_alerts.labels(rule=rule_id).inc(len(kept))
 
@@ -169,6 +187,7 @@ class TickRunner:
                     rule, list(zip(evaluation.findings, events, strict=True)), tick_ms
                 )
                 events, extra = gated.kept, gated.extra
+            self._explain(events, evaluation.findings)
             deliver = events
             if self._max_alerts and len(events) > self._max_alerts:
                 deliver = [*events[: self._max_alerts],

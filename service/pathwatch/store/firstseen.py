@@ -18,6 +18,7 @@ from pathwatch.clock import MINUTE_MS
 from pathwatch.observations import KeyTuple, ObservationBatch
 from pathwatch.store import keyspace as ks
 from pathwatch.store.codec import KeyState, decode_key, decode_state, encode_key, encode_state
+from pathwatch.store.context import ContextIndex
 from pathwatch.store.db import Batch, Database
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory
@@ -76,6 +77,10 @@ class FirstSeenStore:
         self._host_field = dict(host_field or {})
         self._cluster_field = dict(cluster_field or {})
         self._entities: dict[bytes, int] = {}
+        self.context = ContextIndex(db)
+        # Per rule, positions of (cluster, host, path, name) for the context index, where the
+        # key has at least the cluster, the host and the path.
+        self._context_fields: dict[str, tuple[int, int, int, int | None]] = {}
         self._cache: dict[bytes, KeyState] = {}
         self._cache_keys = max(0, cache_keys)
 
@@ -134,6 +139,11 @@ class FirstSeenStore:
             hist = old_hist.with_minutes(minutes).trimmed(horizon, ret.max_runs)
             if old is None:
                 self._note_entities(rule, key, sighting.first_ms, new_entities, wb)
+                fields = self._context_fields.get(rule)
+                if fields is not None:
+                    c, h, p, n = fields
+                    name = key[n] if n is not None else None
+                    self.context.note(key[c], key[h], key[p], name, sighting.first_ms, wb)
             first_ms = min(old.first_seen_ms, sighting.first_ms) if old else sighting.first_ms
             last_ms = max(old.last_seen_ms, sighting.last_ms) if old else sighting.last_ms
             state = KeyState(first_ms, last_ms, hist)
@@ -184,6 +194,18 @@ class FirstSeenStore:
             if known is None or first_ms < known:
                 pending[ekey] = first_ms
                 wb.put(ekey, ks.u64(first_ms))
+
+    def set_context_fields(self, rule: str, key_fields: tuple[str, ...]) -> None:
+        """Feed the context index from `rule`'s keys (they must hold cluster, host, path)."""
+        want = ("k8s.cluster.name", "host.name", "process.executable.path")
+        if all(f in key_fields for f in want):
+            c, h, p = (key_fields.index(f) for f in want)
+            n = (
+                key_fields.index("process.executable.name")
+                if "process.executable.name" in key_fields
+                else None
+            )
+            self._context_fields[rule] = (c, h, p, n)
 
     def entity_first_seen(self, kind: str, name: str) -> int | None:
         """Unix ms of the first observation of host (kind "h") or cluster ("c") `name`."""

@@ -1,0 +1,90 @@
+"""ContextIndex: where executables have run, so an alert can say what is usual.
+
+Two small indexes, written once per new (cluster, path, host) and (cluster, name, path, host)
+combination when the first-seen store creates a key:
+
+- ``P cluster 0x00 path 0x00 host`` -> u64be ms first seen
+- ``N cluster 0x00 name 0x00 path 0x00 host`` -> u64be ms first seen
+
+`explain` reads them with prefix scans bounded by `scan_limit` entries, so an alert about a
+ubiquitous name (python3 on every node) stays cheap. They grow with distinct combinations,
+not with observations.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pathwatch.store import keyspace as ks
+from pathwatch.store.db import Batch, Database
+
+_SEP = "\x00"
+
+
+def _path_key(cluster: str, path: str, host: str) -> bytes:
+    return b"P" + _SEP.join((cluster, path, host)).encode("utf-8", "surrogatepass")
+
+
+def _name_key(cluster: str, name: str, path: str, host: str) -> bytes:
+    return b"N" + _SEP.join((cluster, name, path, host)).encode("utf-8", "surrogatepass")
+
+
+class ContextIndex:
+    """Writes happen on the writer thread (`note`); reads from any thread (`explain`)."""
+
+    def __init__(
+        self, db: Database, cache_entries: int = 200_000, scan_limit: int = 50_000
+    ) -> None:
+        self._db = db
+        self._known: set[bytes] = set()
+        self._cache_entries = cache_entries
+        self._scan_limit = scan_limit
+
+    def note(
+        self, cluster: str, host: str, path: str | None, name: str | None, first_ms: int,
+        wb: Batch,
+    ) -> None:  # fmt: skip
+        """Record (once) that `path` / `name` ran on `host` in `cluster`."""
+        keys = []
+        if path is not None:
+            keys.append(_path_key(cluster, path, host))
+            if name is not None:
+                keys.append(_name_key(cluster, name, path, host))
+        for key in keys:
+            if key in self._known:
+                continue
+            if self._db.get(key) is None:
+                wb.put(key, ks.u64(first_ms))
+            if len(self._known) >= self._cache_entries:
+                self._known.clear()
+            self._known.add(key)
+
+    def _scan(self, prefix: bytes) -> list[tuple[list[str], int]]:
+        out = []
+        for raw, value in self._db.scan_prefix(prefix):
+            out.append((raw[1:].decode("utf-8", "surrogatepass").split(_SEP), ks.from_u64(value)))
+            if len(out) >= self._scan_limit:
+                break
+        return out
+
+    def explain(
+        self, cluster: str, host: str, path: str | None, name: str | None, before_ms: int
+    ) -> dict[str, Any]:
+        """What ran where before `before_ms` (the window start): for the alert's `context`."""
+        ctx: dict[str, Any] = {}
+        if path is not None:
+            prefix = b"P" + f"{cluster}{_SEP}{path}{_SEP}".encode("utf-8", "surrogatepass")
+            hosts = {p[2] for p, first in self._scan(prefix) if first < before_ms and p[2] != host}
+            ctx["path_seen_on_other_nodes"] = len(hosts)
+        if name is not None:
+            prefix = b"N" + f"{cluster}{_SEP}{name}{_SEP}".encode("utf-8", "surrogatepass")
+            entries = [(p, first) for p, first in self._scan(prefix) if first < before_ms]
+            ctx["name_seen_on_other_nodes"] = len({p[3] for p, _ in entries if p[3] != host})
+            per_path: Counter[str] = Counter()
+            for p in {(p[2], p[3]) for p, _ in entries}:
+                per_path[p[0]] += 1
+            ctx["name_usual_paths"] = [
+                {"path": usual, "nodes": n} for usual, n in per_path.most_common(6) if usual != path
+            ][:5]
+        return ctx
