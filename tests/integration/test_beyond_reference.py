@@ -146,3 +146,20 @@ def test_alerts_explain_themselves(tmp_path: Path, service_factory: type[Service
         "python3 usually runs from /usr/bin/python3 on 5 node(s); now from /tmp/python3"
     )
     assert ctx["host_first_seen"] is not None
+
+
+def test_demo_command_prints_the_planted_intrusion() -> None:
+    """`pathwatch demo` exits 0 by itself, well under 30 s, printing one alert with context."""
+    import json
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "pathwatch", "demo"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 30
+    body = out.stdout[out.stdout.index("{") : out.stdout.rindex("}") + 1]
+    alert = json.loads(body)
+    assert alert["fields"]["process.executable.path"] == "/tmp/.cache/python3"
+    assert "usually runs from /usr/bin/python3" in alert["context"]["summary"]

@@ -208,6 +208,12 @@ def _cmd_redrive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathwatch.app.demo import run_demo
+
+    return run_demo(sys.stdout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathwatch",
@@ -254,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--limit", type=int, default=100)
     ins.add_argument("--data-dir", help="override data_dir")
     ins.set_defaults(func=_cmd_inspect)
+    sub.add_parser(
+        "demo", help="simulate a small cluster, plant an intrusion, print the alert (~10 s)"
+    ).set_defaults(func=_cmd_demo)
     rd = with_config(sub.add_parser("redrive", help="move dead letters back to the outbox"))
     rd.add_argument("--sink", help="only this sink (default: all)")
     rd.add_argument(
