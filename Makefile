@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit bench clean docs proto
+.PHONY: run test demo lint typecheck unit bench clean docs proto
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pathwatch needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/pathwatch serve $(if $(CONFIG),--config $(CONFIG),)
+
+demo: $(STAMP)
+	$(BIN)/pathwatch demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench
