@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from pathwatch.access import BearerToken, tls_files
+from pathwatch.access import BearerToken, TlsFiles, tls_files
 from pathwatch.alerts.context import Explainer
 from pathwatch.alerts.dispatcher import Dispatcher
 from pathwatch.alerts.event import key_limit_event
 from pathwatch.alerts.gates import AlertGates
 from pathwatch.clock import DAY_MS, MINUTE_MS, Clock, SystemClock
-from pathwatch.config.model import Config
+from pathwatch.config.model import AuthConfig, Config, TlsConfig
 from pathwatch.receiver.decode import Decoder, TimeBounds
 from pathwatch.receiver.grpc_server import OtlpGrpcReceiver
 from pathwatch.rules import Rule, resolve_rules
@@ -60,13 +60,23 @@ def check_access(config: Config) -> None:
         ("receiver.grpc", config.receiver.grpc.auth, config.receiver.grpc.tls),
         ("http", config.http.auth, config.http.tls),
     ):
-        BearerToken(
-            auth.bearer_token, auth.bearer_token_file, auth.bearer_token_env,
-            f"{where}.auth.bearer_token",
-        )  # fmt: skip
-        files = tls_files(tls.cert_file, tls.key_file, tls.client_ca_file, f"{where}.tls")
+        bearer_token(auth, where)
+        files = tls_of(tls, where)
         if files is not None:
             files.server_context()
+
+
+def bearer_token(auth: AuthConfig, where: str) -> BearerToken:
+    return BearerToken(
+        auth.bearer_token,
+        auth.bearer_token_file,
+        auth.bearer_token_env,
+        f"{where}.auth.bearer_token",
+    )
+
+
+def tls_of(tls: TlsConfig, where: str) -> TlsFiles | None:
+    return tls_files(tls.cert_file, tls.key_file, tls.client_ca_file, f"{where}.tls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,18 +200,8 @@ class Service:
             self.writer,
             self.time_bounds,
             self.metrics,
-            token=BearerToken(
-                grpc_cfg.auth.bearer_token,
-                grpc_cfg.auth.bearer_token_file,
-                grpc_cfg.auth.bearer_token_env,
-                "receiver.grpc.auth.bearer_token",
-            ),
-            tls=tls_files(
-                grpc_cfg.tls.cert_file,
-                grpc_cfg.tls.key_file,
-                grpc_cfg.tls.client_ca_file,
-                "receiver.grpc.tls",
-            ),
+            token=bearer_token(grpc_cfg.auth, "receiver.grpc"),
+            tls=tls_of(grpc_cfg.tls, "receiver.grpc"),
         )
         self.receiver.start()
         self.scheduler = Scheduler(
@@ -222,15 +222,8 @@ class Service:
             server = AdminHttpServer(
                 self,
                 http.listen,
-                token=BearerToken(
-                    http.auth.bearer_token,
-                    http.auth.bearer_token_file,
-                    http.auth.bearer_token_env,
-                    "http.auth.bearer_token",
-                ),
-                tls=tls_files(
-                    http.tls.cert_file, http.tls.key_file, http.tls.client_ca_file, "http.tls"
-                ),
+                token=bearer_token(http.auth, "http"),
+                tls=tls_of(http.tls, "http"),
                 protect_probes=http.protect_probes,
             )
             server.start()
