@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/pathwatch demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check service tests $(wildcard bench)
+	$(BIN)/ruff format --check service tests $(wildcard bench)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
