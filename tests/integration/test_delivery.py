@@ -348,3 +348,26 @@ def test_real_alertmanager_lists_the_alert(
     finally:
         am.terminate()
         am.wait(10)
+
+
+def test_cli_redrive_on_a_stopped_data_dir(
+    tmp_path: Path, sink: HttpSink, service_factory: type[ServiceProcess]
+) -> None:
+    """`pathwatch redrive` moves dead letters back to the outbox of a stopped data dir; the
+    next start delivers them."""
+    import sys
+
+    data = tmp_path / "data"
+    sink.script = [403]
+    svc = service_factory(data, {"sinks": [webhook(sink)]}).start()
+    (alert,) = produce_alerts(svc)
+    wait_until(lambda: svc.api("GET", "/api/v1/deadletters")[1]["deadletters"])
+    assert svc.stop() == 0
+    cfg = data.parent / f"{data.name}-config.yaml"
+    out = subprocess.run([sys.executable, "-m", "pathwatch", "redrive", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("1 dead letter(s) moved back")
+    service_factory(data, {"sinks": [webhook(sink)]}).start()
+    got = sink.wait_for(2)
+    assert got[1].headers["webhook-id"] == alert["id"]
