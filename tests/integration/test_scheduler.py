@@ -157,3 +157,21 @@ def test_alert_log_expiry_keeps_pending_deliveries(rig: Rig, clock: FakeClock) -
     rig.alerts.expire([PARITY_RULE.id], next_hour + 1)
     assert rig.alerts.alerts_since(0) == []
     assert rig.alerts.get_tick(PARITY_RULE.id, next_hour) is None
+
+
+def test_key_count_is_exact_across_writes_expiry_and_restart(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The per-rule key count follows creations and expiry and survives a reopen."""
+    rig = Rig(tmp_path / "db", clock)
+    for pid in range(5):
+        rig.observe((*KEY[:3], str(pid), "/bin/x", "x"), START)
+    rig.observe((*KEY[:3], "0", "/bin/x", "x"), START + MINUTE_MS)  # not new
+    assert rig.firstseen.key_count(PARITY_RULE.id) == 5
+    rig.close()
+    rig = Rig(tmp_path / "db", clock)
+    assert rig.firstseen.key_count(PARITY_RULE.id) == 5
+    clock.set_ms(START + 40 * DAY_MS)
+    rig.firstseen.expire(PARITY_RULE.id, retention_of(PARITY_RULE, 256), clock.now_ms())
+    assert rig.firstseen.key_count(PARITY_RULE.id) == 0
+    rig.close()

@@ -7,6 +7,7 @@ the dispatcher stops between requests, RocksDB closes last. Every step is bounde
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -160,6 +161,11 @@ class Service:
         self.metrics.store_size_bytes.set_function(
             lambda: db.property_int("rocksdb.live-sst-files-size")
         )
+        firstseen = self.firstseen
+        for rule in self.enabled_rules:
+            self.metrics.store_keys.labels(rule=rule.id).set_function(
+                functools.partial(firstseen.key_count, rule.id)
+            )
         self.metrics.store_keys_estimate.set_function(
             lambda: db.property_int("rocksdb.estimate-num-keys")
         )

@@ -77,6 +77,7 @@ class FirstSeenStore:
         self._host_field = dict(host_field or {})
         self._cluster_field = dict(cluster_field or {})
         self._entities: dict[bytes, int] = {}
+        self._counts: dict[str, int] = {}
         self.context = ContextIndex(db)
         # Per rule, positions of (cluster, host, path, name) for the context index, where the
         # key has at least the cluster, the host and the path.
@@ -99,6 +100,7 @@ class FirstSeenStore:
         written = created = refused = 0
         hits: list[LimitHit] = []
         streamed: list[StreamHit] = []
+        new_per_rule: dict[str, int] = {}
         new_entities: dict[bytes, int] = {}
         staged: list[tuple[bytes, KeyState]] = []
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
@@ -167,8 +169,14 @@ class FirstSeenStore:
                 ):
                     streamed.append(StreamHit(rule, key, state, m0))
             written += 1
-            created += old is None
+            if old is None:
+                created += 1
+                new_per_rule[rule] = new_per_rule.get(rule, 0) + 1
+        counts = {r: self.key_count(r) + n for r, n in new_per_rule.items()}
+        for r, n in counts.items():
+            wb.put(ks.meta_key(f"keys:{r}"), str(n).encode())
         self._db.commit(wb)
+        self._counts.update(counts)
         for rkey, state in staged:
             self._remember(rkey, state)
         if len(self._entities) + len(new_entities) > 200_000:
@@ -207,6 +215,14 @@ class FirstSeenStore:
             )
             self._context_fields[rule] = (c, h, p, n)
 
+    def key_count(self, rule: str) -> int:
+        """Keys stored for `rule`, kept exact in the same write batches that add and remove."""
+        count = self._counts.get(rule)
+        if count is None:
+            raw = self._db.get(ks.meta_key(f"keys:{rule}"))
+            count = self._counts[rule] = int(raw) if raw else 0
+        return count
+
     def entity_first_seen(self, kind: str, name: str) -> int | None:
         """Unix ms of the first observation of host (kind "h") or cluster ("c") `name`."""
         raw = self._db.get(ks.entity_key(kind, name))
@@ -236,6 +252,8 @@ class FirstSeenStore:
         prefix_len = len(ks.expiry_bound(rule, 0)) - 4
         wb = Batch()
         deleted = 0
+        count_key = ks.meta_key(f"keys:{rule}")
+        remaining = self.key_count(rule)
         for raw, _ in self._db.scan(lower, upper, values=False):
             day, encoded = split_indexed(prefix_len, raw)
             wb.delete(raw)
@@ -248,10 +266,15 @@ class FirstSeenStore:
                 wb.delete(rkey)
                 self._cache.pop(rkey, None)
                 deleted += 1
+                remaining = max(0, remaining - 1)
             if wb.count >= 10_000:
+                wb.put(count_key, str(remaining).encode())
                 self._db.commit(wb)
+                self._counts[rule] = remaining
                 wb = Batch()
+        wb.put(count_key, str(remaining).encode())
         self._db.commit(wb)
+        self._counts[rule] = remaining
         index_floor = (now_min - retention.index_minutes) // MINUTES_PER_HOUR
         self._db.delete_range(ks.activity_bound(rule, 0), ks.activity_bound(rule, index_floor))
         return deleted

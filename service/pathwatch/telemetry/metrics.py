@@ -93,6 +93,9 @@ class Metrics:
         self.store_size_bytes = self._gauge(
             "pathwatch_store_size_bytes", "RocksDB live SST file size estimate.", ()
         )
+        self.store_keys = self._gauge(
+            "pathwatch_store_keys", "Keys stored, by rule (exact).", ("rule",)
+        )
         self.store_keys_estimate = self._gauge(
             "pathwatch_store_keys_estimate",
             "RocksDB estimate of entries (records, indexes and outbox).",
