@@ -371,3 +371,25 @@ def test_cli_redrive_on_a_stopped_data_dir(
     service_factory(data, {"sinks": [webhook(sink)]}).start()
     got = sink.wait_for(2)
     assert got[1].headers["webhook-id"] == alert["id"]
+
+
+def test_full_outbox_dead_letters_and_reports(
+    tmp_path: Path, sink: HttpSink, service_factory: type[ServiceProcess]
+) -> None:
+    """A sink's outbox holds at most max_queue alerts; past it, alerts go straight to the
+    dead letters with the reason, counted in pathwatch_outbox_full_total; nothing is lost."""
+    sink.default = 503
+    svc = service_factory(tmp_path / "data", {"sinks": [webhook(sink, max_queue=2)]}).start()
+    alerts = produce_alerts(svc, count=5)
+    _, body = svc.api("GET", "/api/v1/deadletters")
+    assert len(body["deadletters"]) == 3
+    assert {d["reason"] for d in body["deadletters"]} == {"outbox full"}
+    assert metric(svc, "pathwatch_outbox_full_total", sink="soc") == 3
+    wait_until(lambda: metric(svc, "pathwatch_outbox_depth", sink="soc") == 2)
+    kept = {d["alert_id"] for d in body["deadletters"]}
+    sink.default = 200
+    svc.api("POST", "/api/v1/deadletters/redrive")
+    wait_until(lambda: {r.headers["webhook-id"] for r in sink.received if r.headers}
+               >= {a["id"] for a in alerts} and not svc.api("GET", "/api/v1/deadletters")[1]
+               ["deadletters"], timeout=20)  # fmt: skip
+    assert kept < {a["id"] for a in alerts}

@@ -27,6 +27,7 @@ log = structlog.get_logger(component="alerts")
 
 _REFRESH_S = 5.0
 _MAX_WAIT_S = 1.0
+_MAX_LOADED = 10_000  # outbox records held in memory per sink; the rest stay in RocksDB
 
 
 def backoff_seconds(
@@ -74,6 +75,8 @@ class SinkWorker:
         self._not_before: dict[int, int] = {}
         self._stop = False
         self._dirty = True
+        self._full = False
+        self._depth = 0
         self._threads: list[threading.Thread] = []
         self.disabled: str | None = None
 
@@ -92,9 +95,12 @@ class SinkWorker:
             t.start()
             self._threads.append(t)
 
-    def notify(self) -> None:
+    def notify(self, full: bool = False) -> None:
+        """New records are in the outbox; `full` re-reads all of it (after a redrive, whose
+        records keep their old sequence numbers)."""
         with self._cond:
             self._dirty = True
+            self._full |= full
             self._cond.notify_all()
 
     def shutdown(self, timeout: float) -> None:
@@ -109,14 +115,20 @@ class SinkWorker:
             oldest = min(
                 (d.record.get("enqueued_ms", 0) for d in self._queue.values()), default=None
             )
-            depth = len(self._queue)
+            depth = max(self._depth, len(self._queue))
         age = 0.0 if oldest is None else max(0.0, (self._clock.now_ms() - oldest) / 1000)
         return SinkStatus(self.name, self.config.type, self.disabled, depth, age)
 
     def _refresh(self) -> None:
-        """Load outbox records not seen yet (new ticks, redriven dead letters)."""
+        """Load outbox records not loaded yet, keeping at most _MAX_LOADED in memory (the rest
+        wait in RocksDB), and refresh the depth and dead-letter figures."""
+        with self._cond:
+            full, self._full = self._full, False
+            after = 0 if full else self._loaded_seq
+            room = _MAX_LOADED - len(self._queue)
         try:
-            fresh = self._alerts.pending(self.name, 0, limit=10_000)
+            fresh = self._alerts.pending(self.name, after, limit=room) if room > 0 else []
+            depth = self._alerts.depth(self.name)
             dead = self._alerts.deadletter_count(self.name)
         except StoreError as exc:
             log.error("cannot read outbox", sink=self.name, error=str(exc))
@@ -125,12 +137,14 @@ class SinkWorker:
             for d in fresh:
                 if d.seq not in self._queue:
                     self._queue[d.seq] = d
+                self._loaded_seq = max(self._loaded_seq, d.seq)
+            self._depth = depth
             self._dirty = False
             self._publish()
         self._metrics.deadletters.labels(sink=self.name).set(dead)
 
     def _publish(self) -> None:
-        self._metrics.outbox_depth.labels(sink=self.name).set(len(self._queue))
+        self._metrics.outbox_depth.labels(sink=self.name).set(max(self._depth, len(self._queue)))
         oldest = min((d.record.get("enqueued_ms", 0) for d in self._queue.values()), default=None)
         age = 0.0 if oldest is None else max(0.0, (self._clock.now_ms() - oldest) / 1000)
         self._metrics.outbox_oldest_age.labels(sink=self.name).set(age)
@@ -262,7 +276,8 @@ class SinkWorker:
 
     def _forget(self, d: Delivery) -> None:
         with self._cond:
-            self._queue.pop(d.seq, None)
+            if self._queue.pop(d.seq, None) is not None:
+                self._depth = max(0, self._depth - 1)
             self._not_before.pop(d.seq, None)
 
 
@@ -278,9 +293,9 @@ class Dispatcher:
         for w in self.workers:
             w.start()
 
-    def notify(self) -> None:
+    def notify(self, full: bool = False) -> None:
         for w in self.workers:
-            w.notify()
+            w.notify(full)
 
     def depth(self, sink: str) -> int:
         for w in self.workers:

@@ -331,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
         assert svc.alerts is not None and svc.dispatcher is not None
         sink = _sink_param(svc, query)
         moved = svc.alerts.redrive(sink, [s.name for s in svc.config.sinks])
-        svc.dispatcher.notify()
+        svc.dispatcher.notify(full=True)
         log.info("dead letters redriven", sink=sink or "all", count=moved)
         self._json(200, {"redriven": moved})
 
