@@ -158,8 +158,10 @@ def test_store_with_evicting_cache_matches_model(
             assert store.get(RULE.id, key) == model.get(key), key
 
 
-def test_first_and_last_seen_are_exact_milliseconds(tmp_path: Path) -> None:
-    """First and last seen move to earlier/later exports even inside an already-known minute."""
+def test_first_seen_is_exact_and_last_seen_follows_new_minutes(tmp_path: Path) -> None:
+    """First seen moves to an earlier export even inside a known minute; a later point inside
+    an already-recorded minute does not rewrite the record (one write per key per minute), so
+    last seen advances with each new minute."""
     k = KEYS[0]
     t = NOW - NOW % MINUTE_MS  # a whole minute
     with open_store(str(tmp_path / "db")) as (_db, store):
@@ -169,8 +171,11 @@ def test_first_and_last_seen_are_exact_milliseconds(tmp_path: Path) -> None:
         store.apply(to_batch([(0, t + 20_000)]), RETENTION, NOW)  # changes nothing
         state = store.get(RULE.id, k)
         assert state == KeyState(
-            t + 10_000, t + 59_999, PresenceHistory(((t // MINUTE_MS, t // MINUTE_MS + 1),))
+            t + 10_000, t + 30_000, PresenceHistory(((t // MINUTE_MS, t // MINUTE_MS + 1),))
         )
+        store.apply(to_batch([(0, t + 60_500)]), RETENTION, NOW)  # a new minute
+        state = store.get(RULE.id, k)
+        assert state is not None and state.last_seen_ms == t + 60_500
 
 
 def test_observations_beyond_the_horizon_are_not_stored(tmp_path: Path) -> None:

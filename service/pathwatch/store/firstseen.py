@@ -78,6 +78,7 @@ class FirstSeenStore:
         self._cluster_field = dict(cluster_field or {})
         self._entities: dict[bytes, int] = {}
         self._counts: dict[str, int] = {}
+        self._rkeys: dict[tuple[str, KeyTuple], bytes] = {}
         self.context = ContextIndex(db)
         # Per rule, positions of (cluster, host, path, name) for the context index, where the
         # key has at least the cluster, the host and the path.
@@ -104,7 +105,7 @@ class FirstSeenStore:
         new_entities: dict[bytes, int] = {}
         staged: list[tuple[bytes, KeyState]] = []
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
-        rkeys = [ks.record_key(rule, encode_key(key)) for (rule, key), _ in items]
+        rkeys = [self._record_key(rk) for rk, _ in items]
         # Snapshot the cached states first: remembering one key below may evict another key
         # of this same batch, which must then still be found (not taken for a new key).
         cached = {k: s for k in rkeys if (s := self._cache.get(k)) is not None}
@@ -116,12 +117,13 @@ class FirstSeenStore:
             old = cached.get(rkey)
             if old is None and (raw := loaded.get(rkey)) is not None:
                 old = decode_state(raw)
+            # Points inside minutes already recorded change nothing that evaluation reads; not
+            # rewriting for them is what keeps writes at one per key per minute, not per scrape.
+            # (So last_seen trails the latest point by less than a minute; first_seen is exact.)
             if (
                 old is not None
+                and old.first_seen_ms <= sighting.first_ms
                 and old.history.contains_all(sighting.minutes)
-                and (
-                    old.first_seen_ms <= sighting.first_ms and old.last_seen_ms >= sighting.last_ms
-                )
             ):
                 self._remember(rkey, old)
                 continue
@@ -227,6 +229,16 @@ class FirstSeenStore:
         """Unix ms of the first observation of host (kind "h") or cluster ("c") `name`."""
         raw = self._db.get(ks.entity_key(kind, name))
         return ks.from_u64(raw) if raw else None
+
+    def _record_key(self, rule_key: tuple[str, KeyTuple]) -> bytes:
+        """The RocksDB key of (rule, key), memoised: the same processes recur every scrape."""
+        rkey = self._rkeys.get(rule_key)
+        if rkey is None:
+            rkey = ks.record_key(rule_key[0], encode_key(rule_key[1]))
+            if len(self._rkeys) >= max(1, self._cache_keys):
+                self._rkeys.clear()
+            self._rkeys[rule_key] = rkey
+        return rkey
 
     def _remember(self, rkey: bytes, state: KeyState) -> None:
         if self._cache_keys == 0:
