@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import structlog
 from rocksdict import (
     AccessType,
+    BlockBasedOptions,
+    Cache,
     DBCompressionType,
     Options,
     Rdict,
@@ -41,7 +43,7 @@ class DatabaseOptions:
 
     fsync: bool = True
     block_cache_bytes: int = 64 << 20
-    write_buffer_bytes: int = 32 << 20
+    write_buffer_bytes: int = 16 << 20
     read_only: bool = False
 
 
@@ -87,8 +89,18 @@ class Database:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.set_compression_type(DBCompressionType.lz4())
+        # Memory stays bounded whatever the number of keys: memtables are capped, and index
+        # and filter blocks live inside the block cache instead of growing beside it.
         opts.set_write_buffer_size(self.options.write_buffer_bytes)
+        opts.set_max_write_buffer_number(2)
         opts.set_max_background_jobs(2)
+        opts.set_max_open_files(512)
+        table = BlockBasedOptions()
+        table.set_block_cache(Cache(self.options.block_cache_bytes))
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        table.set_bloom_filter(10, False)
+        opts.set_block_based_table_factory(table)
         access = AccessType.read_only() if self.options.read_only else AccessType.read_write()
         try:
             return Rdict(self.path, opts, access_type=access)
