@@ -202,7 +202,7 @@ class Service:
         grpc_cfg = cfg.receiver.grpc
         self.receiver = OtlpGrpcReceiver(
             grpc_cfg,
-            Decoder(self.rules, cfg.receiver.max_key_field_bytes),
+            Decoder(self.rules, cfg.receiver.max_key_field_bytes, cfg.receiver.resource_cache),
             self.writer,
             self.time_bounds,
             self.metrics,

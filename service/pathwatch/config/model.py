@@ -49,6 +49,9 @@ class ReceiverConfig:
     grpc: GrpcReceiverConfig = field(default_factory=GrpcReceiverConfig)
     max_future_skew: Duration = Duration(300.0)
     max_key_field_bytes: int = 4096
+    # Distinct resources whose decoded key fields are remembered (a process's resource
+    # attributes repeat every scrape). Bounded memory; a miss re-decodes the resource.
+    resource_cache: int = 50_000
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class StoreConfig:
     # not only a process crash. Turn off only where losing the last second of data is fine.
     fsync: bool = True
     cache_keys: int = 100_000
-    max_pending_keys: int = 200_000
+    max_pending_keys: int = 50_000
     max_runs_per_key: int = 256
     block_cache_size: ByteSize = ByteSize(64 << 20)
     expiry_interval: Duration = Duration(3600.0)

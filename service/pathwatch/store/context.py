@@ -34,7 +34,7 @@ class ContextIndex:
     """Writes happen on the writer thread (`note`); reads from any thread (`explain`)."""
 
     def __init__(
-        self, db: Database, cache_entries: int = 200_000, scan_limit: int = 50_000
+        self, db: Database, cache_entries: int = 100_000, scan_limit: int = 50_000
     ) -> None:
         self._db = db
         self._known: set[bytes] = set()

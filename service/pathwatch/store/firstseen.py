@@ -78,12 +78,13 @@ class FirstSeenStore:
         self._cluster_field = dict(cluster_field or {})
         self._entities: dict[bytes, int] = {}
         self._counts: dict[str, int] = {}
-        self._rkeys: dict[tuple[str, KeyTuple], bytes] = {}
         self.context = ContextIndex(db)
         # Per rule, positions of (cluster, host, path, name) for the context index, where the
         # key has at least the cluster, the host and the path.
         self._context_fields: dict[str, tuple[int, int, int, int | None]] = {}
-        self._cache: dict[bytes, KeyState] = {}
+        # (rule, key) -> (RocksDB key, state): the processes seen lately, which recur every
+        # scrape. Bounded by cache_keys; a miss costs one RocksDB read.
+        self._cache: dict[tuple[str, KeyTuple], tuple[bytes, KeyState]] = {}
         self._cache_keys = max(0, cache_keys)
 
     # -- writes (IngestWriter thread only) -------------------------------------------------
@@ -103,18 +104,22 @@ class FirstSeenStore:
         streamed: list[StreamHit] = []
         new_per_rule: dict[str, int] = {}
         new_entities: dict[bytes, int] = {}
-        staged: list[tuple[bytes, KeyState]] = []
+        staged: list[tuple[tuple[str, KeyTuple], bytes, KeyState]] = []
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
-        rkeys = [self._record_key(rk) for rk, _ in items]
-        # Snapshot the cached states first: remembering one key below may evict another key
-        # of this same batch, which must then still be found (not taken for a new key).
-        cached = {k: s for k in rkeys if (s := self._cache.get(k)) is not None}
-        missing = [k for k in rkeys if k not in cached]
+        # Snapshot the cache first: remembering one key below may evict another key of this
+        # same batch, which must then still be found (not taken for a new key).
+        entries = [self._cache.get(rk) for rk, _ in items]
+        rkeys = [
+            e[0] if e is not None else ks.record_key(rk[0], encode_key(rk[1]))
+            for e, (rk, _) in zip(entries, items, strict=True)
+        ]
+        missing = [k for e, k in zip(entries, rkeys, strict=True) if e is None]
         loaded = dict(zip(missing, self._db.get_many(missing), strict=True))
         now_min = now_ms // MINUTE_MS
-        for ((rule, key), sighting), rkey in zip(items, rkeys, strict=True):
+        for (rule_key, sighting), rkey, entry in zip(items, rkeys, entries, strict=True):
+            rule, key = rule_key
             ret = retention[rule]
-            old = cached.get(rkey)
+            old = entry[1] if entry is not None else None
             if old is None and (raw := loaded.get(rkey)) is not None:
                 old = decode_state(raw)
             # Points inside minutes already recorded change nothing that evaluation reads; not
@@ -125,7 +130,7 @@ class FirstSeenStore:
                 and old.first_seen_ms <= sighting.first_ms
                 and old.history.contains_all(sighting.minutes)
             ):
-                self._remember(rkey, old)
+                self._remember(rule_key, rkey, old)
                 continue
             horizon = now_min - ret.horizon_minutes
             minutes = [m for m in sighting.minutes if m >= horizon]
@@ -162,7 +167,7 @@ class FirstSeenStore:
             last_day = last_ms // (MINUTES_PER_DAY * MINUTE_MS)
             if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
                 wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
-            staged.append((rkey, state))
+            staged.append((rule_key, rkey, state))
             if ret.stream:
                 fresh = [m for m in minutes if not old_hist.observed(m, m + 1)]
                 m0 = min(fresh, default=None)
@@ -179,8 +184,8 @@ class FirstSeenStore:
             wb.put(ks.meta_key(f"keys:{r}"), str(n).encode())
         self._db.commit(wb)
         self._counts.update(counts)
-        for rkey, state in staged:
-            self._remember(rkey, state)
+        for rule_key, rkey, state in staged:
+            self._remember(rule_key, rkey, state)
         if len(self._entities) + len(new_entities) > 200_000:
             self._entities.clear()  # bounded; a miss costs one RocksDB read
         self._entities.update(new_entities)
@@ -230,22 +235,12 @@ class FirstSeenStore:
         raw = self._db.get(ks.entity_key(kind, name))
         return ks.from_u64(raw) if raw else None
 
-    def _record_key(self, rule_key: tuple[str, KeyTuple]) -> bytes:
-        """The RocksDB key of (rule, key), memoised: the same processes recur every scrape."""
-        rkey = self._rkeys.get(rule_key)
-        if rkey is None:
-            rkey = ks.record_key(rule_key[0], encode_key(rule_key[1]))
-            if len(self._rkeys) >= max(1, self._cache_keys):
-                self._rkeys.clear()
-            self._rkeys[rule_key] = rkey
-        return rkey
-
-    def _remember(self, rkey: bytes, state: KeyState) -> None:
+    def _remember(self, rule_key: tuple[str, KeyTuple], rkey: bytes, state: KeyState) -> None:
         if self._cache_keys == 0:
             return
         cache = self._cache
-        cache.pop(rkey, None)
-        cache[rkey] = state
+        cache.pop(rule_key, None)
+        cache[rule_key] = (rkey, state)
         if len(cache) > self._cache_keys:
             # Evict the oldest tenth at once: dicts keep insertion order, so this is LRU-ish
             # and amortises eviction cost over many inserts.
@@ -276,7 +271,7 @@ class FirstSeenStore:
             state = decode_state(value)
             if state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) <= day:
                 wb.delete(rkey)
-                self._cache.pop(rkey, None)
+                self._cache.pop((rule, decode_key(encoded)), None)
                 deleted += 1
                 remaining = max(0, remaining - 1)
             if wb.count >= 10_000:

@@ -53,7 +53,7 @@ class Ticket:
 
 @dataclass(frozen=True, slots=True)
 class WriterConfig:
-    max_pending_keys: int = 200_000
+    max_pending_keys: int = 50_000
     expiry_interval_s: float = 3600.0
 
 
