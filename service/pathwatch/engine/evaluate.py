@@ -53,7 +53,15 @@ def evaluate(rule: Rule, tick_ms: int, reader: PresenceReader) -> Evaluation:
     window_start = tick - rule.window_minutes
     baseline_start = tick - rule.baseline_minutes
     out = Evaluation()
-    for key, state in reader.active(rule.id, window_start, tick):
+    # A key first seen inside the baseline was observed in the baseline: it cannot be new.
+    # Readers that can filter on that before decoding (the RocksDB store) are asked to.
+    narrow = getattr(reader, "active_except_first_seen", None)
+    candidates = (
+        narrow(rule.id, window_start, tick, baseline_start, window_start)
+        if narrow is not None
+        else reader.active(rule.id, window_start, tick)
+    )
+    for key, state in candidates:
         out.candidates += 1
         history = state.history
         first = history.first_in(window_start, tick)

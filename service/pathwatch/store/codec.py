@@ -74,6 +74,16 @@ def encode_state(state: KeyState) -> bytes:
     return header + struct.pack(f"<{2 * len(runs)}I", *(m for run in runs for m in run))
 
 
+_FIRST_SEEN = struct.Struct("<q")
+
+
+def first_seen_of(raw: bytes) -> int:
+    """first_seen of an encoded record, read from its header without decoding the rest."""
+    if len(raw) < _HEADER.size or raw[0] != RECORD_VERSION:
+        return decode_state(raw).first_seen_ms  # raises RecordFormatError
+    return int(_FIRST_SEEN.unpack_from(raw, 4)[0])
+
+
 def decode_state(raw: bytes) -> KeyState:
     if len(raw) < _HEADER.size:
         raise RecordFormatError(f"key record of {len(raw)} bytes is shorter than its header")

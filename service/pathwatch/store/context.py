@@ -33,9 +33,7 @@ def _name_key(cluster: str, name: str, path: str, host: str) -> bytes:
 class ContextIndex:
     """Writes happen on the writer thread (`note`); reads from any thread (`explain`)."""
 
-    def __init__(
-        self, db: Database, cache_entries: int = 100_000, scan_limit: int = 50_000
-    ) -> None:
+    def __init__(self, db: Database, cache_entries: int = 100_000, scan_limit: int = 5_000) -> None:
         self._db = db
         self._known: set[bytes] = set()
         self._cache_entries = cache_entries

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathwatch.clock import MINUTE_MS
 from pathwatch.observations import KeyTuple, ObservationBatch
 from pathwatch.store import keyspace as ks
-from pathwatch.store.codec import KeyState, decode_key, decode_state, encode_key, encode_state
+from pathwatch.store.codec import (
+    KeyState,
+    decode_key,
+    decode_state,
+    encode_key,
+    encode_state,
+    first_seen_of,
+)
 from pathwatch.store.context import ContextIndex
 from pathwatch.store.db import Batch, Database
 from pathwatch.store.guard import LimitHit, NewKeyGuard
@@ -163,7 +170,9 @@ class FirstSeenStore:
                 if hour >= index_floor and not old_hist.observed(
                     hour * MINUTES_PER_HOUR, (hour + 1) * MINUTES_PER_HOUR
                 ):
-                    wb.put(ks.activity_key(rule, hour, encoded_key), b"")
+                    # The value is first_seen at write time: a real observation, so a key
+                    # whose value lies in a baseline was observed there (see active_except...).
+                    wb.put(ks.activity_key(rule, hour, encoded_key), ks.u64(first_ms))
             last_day = last_ms // (MINUTES_PER_DAY * MINUTE_MS)
             if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
                 wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
@@ -299,31 +308,52 @@ class FirstSeenStore:
 
         A superset of the keys observed in that range: callers check the history.
         """
+        return self.active_except_first_seen(rule, start_min, end_min, 0, 0)
+
+    def active_except_first_seen(
+        self, rule: str, start_min: int, end_min: int, skip_from_min: int, skip_to_min: int
+    ) -> Iterator[tuple[KeyTuple, KeyState]]:
+        """`active`, leaving out keys first seen in ``[skip_from_min, skip_to_min)``.
+
+        Evaluation passes the baseline, whose keys cannot be new. The activity index stores
+        each key's first_seen as of the entry's write, which was a real observation: when it
+        falls in the range the key is skipped without reading its record (exact, because
+        observations are never removed inside the retention horizon). Otherwise the record's
+        header decides, before the key or history is decoded.
+        """
+        skip = (skip_from_min * MINUTE_MS, skip_to_min * MINUTE_MS)
         first_hour = start_min // MINUTES_PER_HOUR
         last_hour = (end_min - 1) // MINUTES_PER_HOUR
         prefix_len = len(ks.activity_bound(rule, 0)) - 4
         seen: set[bytes] = set()
         chunk: list[bytes] = []
-        for raw, _ in self._db.scan(
-            ks.activity_bound(rule, first_hour),
-            ks.activity_bound(rule, last_hour + 1),
-            values=False,
+        lo, hi = skip
+        for raw, value in self._db.scan(
+            ks.activity_bound(rule, first_hour), ks.activity_bound(rule, last_hour + 1)
         ):
             _, encoded = split_indexed(prefix_len, raw)
             if encoded in seen:
                 continue
             seen.add(encoded)
+            if lo < hi and len(value) == 8 and lo <= ks.from_u64(value) < hi:
+                continue
             chunk.append(encoded)
             if len(chunk) >= 1024:
-                yield from self._load(rule, chunk)
+                yield from self._load(rule, chunk, skip)
                 chunk = []
-        yield from self._load(rule, chunk)
+        yield from self._load(rule, chunk, skip)
 
-    def _load(self, rule: str, encoded: list[bytes]) -> Iterator[tuple[KeyTuple, KeyState]]:
+    def _load(
+        self, rule: str, encoded: list[bytes], skip: tuple[int, int]
+    ) -> Iterator[tuple[KeyTuple, KeyState]]:
         prefix = ks.record_prefix(rule)
+        lo, hi = skip
         for enc, raw in zip(encoded, self._db.get_many([prefix + e for e in encoded]), strict=True):
-            if raw is not None:
-                yield decode_key(enc), decode_state(raw)
+            if raw is None:
+                continue
+            if lo < hi and lo <= first_seen_of(raw) < hi:
+                continue
+            yield decode_key(enc), decode_state(raw)
 
     def scan(self, rule: str) -> Iterator[tuple[KeyTuple, KeyState]]:
         """Every stored key of `rule` (a full scan: for `inspect`, never for evaluation)."""
