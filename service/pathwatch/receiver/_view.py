@@ -23,10 +23,11 @@ def _load() -> dict[str, Any]:
         pool.Add(f)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-        for name in ("MergedRequest", "MetricRequest")
+        for name in ("MergedRequest", "MetricRequest", "ResourceView")
     }
 
 
 _CLASSES = _load()
 MergedRequest: Any = _CLASSES["MergedRequest"]
 MetricRequest: Any = _CLASSES["MetricRequest"]
+ResourceView: Any = _CLASSES["ResourceView"]

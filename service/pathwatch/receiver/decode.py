@@ -23,10 +23,9 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from pathwatch.observations import ObservationBatch, Sighting
-from pathwatch.receiver._view import MergedRequest, MetricRequest
+from pathwatch.receiver._view import MergedRequest, MetricRequest, ResourceView
 from pathwatch.rules.model import Rule
 
 _KINDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
@@ -142,15 +141,14 @@ class Decoder:
 
     def _decode_keys(self, raw: bytes) -> Any:
         try:
-            resource = Resource.FromString(raw)
+            attributes = ResourceView.FromString(raw).attributes
         except (DecodeError, RecursionError, ValueError):
             return _BAD
         values: dict[str, str] = {}
-        needed = self._needed
-        for kv in resource.attributes:
-            if kv.key not in needed:
+        for name in self._needed:
+            if name not in attributes:
                 continue
-            v = kv.value
+            v = attributes[name]
             which = v.WhichOneof("value")
             if which == "string_value":
                 text = v.string_value
@@ -165,7 +163,7 @@ class Decoder:
             if len(text.encode("utf-8", "surrogatepass")) > self._max_field:
                 return _TOO_LONG
             if text:
-                values[kv.key] = text
+                values[name] = text
         keys: list[tuple[str, ...] | None] = []
         for rule in self._rules:
             key = tuple(values.get(f, "") for f in rule.key_fields)
