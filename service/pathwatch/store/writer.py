@@ -137,9 +137,12 @@ class IngestWriter:
                 return
 
     def _write(self, items: list[tuple[ObservationBatch, Ticket]]) -> None:
-        merged: ObservationBatch = {}
-        for batch, _ in items:
-            merge_into(merged, batch)
+        if len(items) == 1:
+            merged = items[0][0]  # the common case under light load: nothing to merge
+        else:
+            merged = {}
+            for batch, _ in items:
+                merge_into(merged, batch)
         error: Exception | None = None
         started = self._clock.monotonic()
         try:
