@@ -39,24 +39,27 @@ class ContextIndex:
         self._cache_entries = cache_entries
         self._scan_limit = scan_limit
 
-    def note(
-        self, cluster: str, host: str, path: str | None, name: str | None, first_ms: int,
-        wb: Batch,
-    ) -> None:  # fmt: skip
-        """Record (once) that `path` / `name` ran on `host` in `cluster`."""
-        keys = []
-        if path is not None:
-            keys.append(_path_key(cluster, path, host))
+    def note_many(self, entries: list[tuple[str, str, str, str | None, int]], wb: Batch) -> None:
+        """Record (once each) that path / name ran on host in cluster, for (cluster, host,
+        path, name, first_ms) entries: one batched RocksDB multi-get for what memory does not
+        already know, then puts for what is missing."""
+        wanted: dict[bytes, int] = {}
+        for cluster, host, path, name, first_ms in entries:
+            keys = [_path_key(cluster, path, host)]
             if name is not None:
                 keys.append(_name_key(cluster, name, path, host))
-        for key in keys:
-            if key in self._known:
-                continue
-            if self._db.get(key) is None:
-                wb.put(key, ks.u64(first_ms))
-            if len(self._known) >= self._cache_entries:
-                self._known.clear()
-            self._known.add(key)
+            for key in keys:
+                if key not in self._known:
+                    wanted[key] = min(first_ms, wanted.get(key, first_ms))
+        if not wanted:
+            return
+        candidates = list(wanted)
+        for key, raw in zip(candidates, self._db.get_many(candidates), strict=True):
+            if raw is None:
+                wb.put(key, ks.u64(wanted[key]))
+        if len(self._known) + len(candidates) > self._cache_entries:
+            self._known.clear()
+        self._known.update(candidates)
 
     def _scan(self, prefix: bytes) -> list[tuple[list[str], int]]:
         out = []

@@ -110,6 +110,7 @@ class FirstSeenStore:
         hits: list[LimitHit] = []
         streamed: list[StreamHit] = []
         new_per_rule: dict[str, int] = {}
+        notes: list[tuple[str, str, str, str | None, int]] = []
         new_entities: dict[bytes, int] = {}
         staged: list[tuple[tuple[str, KeyTuple], bytes, KeyState]] = []
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
@@ -159,7 +160,7 @@ class FirstSeenStore:
                 if fields is not None:
                     c, h, p, n = fields
                     name = key[n] if n is not None else None
-                    self.context.note(key[c], key[h], key[p], name, sighting.first_ms, wb)
+                    notes.append((key[c], key[h], key[p], name, sighting.first_ms))
             first_ms = min(old.first_seen_ms, sighting.first_ms) if old else sighting.first_ms
             last_ms = max(old.last_seen_ms, sighting.last_ms) if old else sighting.last_ms
             state = KeyState(first_ms, last_ms, hist)
@@ -188,6 +189,8 @@ class FirstSeenStore:
             if old is None:
                 created += 1
                 new_per_rule[rule] = new_per_rule.get(rule, 0) + 1
+        if notes:
+            self.context.note_many(notes, wb)
         counts = {r: self.key_count(r) + n for r, n in new_per_rule.items()}
         for r, n in counts.items():
             wb.put(ks.meta_key(f"keys:{r}"), str(n).encode())
