@@ -1,0 +1,1 @@
+"""`make bench`: pathwatch's performance benchmark (real service, real gRPC, one table)."""

@@ -1,0 +1,152 @@
+"""Phase 1, ingest throughput: the service on one core against the parse-only baseline.
+
+A fresh service takes the steady-state fleet from the load generator (on another core) until
+every node has scraped once, then `warmup` seconds, then `duration` seconds measured. Then, with
+the service stopped, the parse-only baseline runs on the same core the service had.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import procstat
+from bench.children import Event, run_child
+from bench.otlp import HOUR_MS
+from bench.profile import Recording, record
+from bench.progress import count, megabytes, say
+from bench.service import ServiceUnderTest
+from bench.settings import Settings
+from bench.workload import Fleet, FleetSpec
+
+_PROFILE_S = 10.0  # py-spy slows the service: it records after the measurement, not during
+_MAX_RATE = 200_000  # resources/s no single core reaches: sizes the simulated-time head start
+
+
+@dataclass
+class IngestResult:
+    fleet: Event
+    parse: Event
+    spec: FleetSpec
+    request_bytes: int
+    request_gzip_bytes: int
+    service_rss: int
+    service_hwm: int
+    head_start_s: float
+    profile: list[tuple[str, float]] = field(default_factory=list)
+
+
+def fleet_spec(settings: Settings) -> FleetSpec:
+    """The fleet, starting far enough in the past that no timestamp passes the present."""
+    seconds = settings.warmup_s + settings.duration_s + _PROFILE_S + 60
+    scrapes = seconds * _MAX_RATE / (settings.nodes * settings.processes)
+    head_start = max(2 * HOUR_MS, int(scrapes * settings.interval_s * 1000))
+    return FleetSpec(
+        nodes=settings.nodes,
+        processes=settings.processes,
+        interval_s=settings.interval_s,
+        churn=settings.churn,
+        start_ms=int(time.time() * 1000) - head_start,
+    )
+
+
+def run_ingest(settings: Settings, workdir: Path, config: dict[str, Any]) -> IngestResult:
+    started_ms = int(time.time() * 1000)
+    spec = fleet_spec(settings)
+    sample = next(Fleet(FleetSpec(**{**spec.to_json(), "nodes": 1})).requests()).payload
+    service = ServiceUnderTest(workdir, "ingest", settings.service_cpu, config)
+    recording: Recording | None = None
+    profile: list[tuple[str, float]] = []
+    try:
+        say("ingest", f"starting the service (core {settings.service_cpu}), fresh data dir")
+        service.start()
+
+        def on_event(event: Event) -> None:
+            nonlocal recording
+            if event["event"] == "measure":
+                say("ingest", f"measuring for {settings.duration_s:.0f} s")
+                return
+            if event["event"] == "extra" and settings.profile is not None:
+                say("ingest", f"measured; py-spy records the service for {_PROFILE_S:.0f} s more")
+                settings.profile.mkdir(parents=True, exist_ok=True)
+                out = settings.profile / "ingest.txt"
+                recording = record(service.pid, _PROFILE_S, out, settings.loadgen_cpu)
+                return
+            say(
+                "ingest",
+                f"{event['phase']:<7} {event['elapsed']:6.1f} s  "
+                f"{count(event['resources'])} resources acknowledged, "
+                f"{count(event['rate'])}/s",
+            )
+
+        say(
+            "ingest",
+            f"load generator (core {settings.loadgen_cpu}): {settings.nodes} nodes x "
+            f"{settings.processes} processes, first scrape of every node, then "
+            f"{settings.warmup_s:.0f} s warm-up",
+        )
+        job = {
+            "target": f"127.0.0.1:{service.grpc_port}",
+            "source": "fleet",
+            "spec": spec.to_json(),
+            "concurrency": settings.concurrency,
+            "channels": settings.channels,
+            "warmup_s": settings.warmup_s,
+            "duration_s": settings.duration_s,
+            "extra_s": _PROFILE_S + 1 if settings.profile is not None else 0.0,
+            "service_pid": service.pid,
+            "progress_s": 2.0,
+        }
+        fleet = run_child(
+            "bench.loadgen",
+            job,
+            settings.loadgen_cpu,
+            timeout=900 + settings.warmup_s + settings.duration_s + _PROFILE_S,
+            on_event=on_event,
+        )
+        mem = procstat.memory(service.pid)
+        if recording is not None:
+            profile = recording.finish()
+        say(
+            "ingest",
+            f"{count(fleet['resources_per_s'])} resources/s acknowledged, service CPU "
+            f"{fleet['service_cpu']:.2f} cores, load generator {fleet['loadgen_cpu']:.2f}, "
+            f"RSS {megabytes(mem.rss)}",
+        )
+    finally:
+        if recording is not None:
+            recording.kill()
+        try:
+            service.stop()
+        finally:
+            service.kill()
+    say(
+        "parse",
+        f"parse-only baseline on core {settings.service_cpu}: ExportMetricsServiceRequest."
+        f"FromString over {settings.parse_requests} requests for {settings.parse_seconds:.0f} s",
+    )
+    parse = run_child(
+        "bench.parse",
+        {
+            "spec": spec.to_json(),
+            "requests": settings.parse_requests,
+            "seconds": settings.parse_seconds,
+        },
+        settings.service_cpu,
+        timeout=300 + settings.parse_seconds,
+    )
+    say("parse", f"{count(parse['resources_per_s'])} resources/s parsed")
+    return IngestResult(
+        fleet=fleet,
+        parse=parse,
+        spec=spec,
+        request_bytes=len(sample),
+        request_gzip_bytes=len(zlib.compress(sample, 6)),
+        service_rss=mem.rss,
+        service_hwm=mem.hwm,
+        head_start_s=(started_ms - spec.start_ms) / 1000,
+        profile=profile,
+    )

@@ -1,0 +1,298 @@
+"""The load generator: a separate process driving pathwatch over real gRPC.
+
+Run as ``python -m bench.loadgen JOB_JSON`` (the orchestrator pins it to its own core). It sends
+Export requests from `concurrency` concurrent calls spread over `channels` connections, gzip
+compressed as the collector's otlp exporter does, and writes JSON lines to stdout: ``progress``
+events about once a second and one final ``result``. UNAVAILABLE and RESOURCE_EXHAUSTED are
+retried after a short pause, as a collector would, and counted; any other error ends the run
+with exit code 1 and an ``error`` line.
+
+Two jobs:
+
+- ``fleet``: the steady-state fleet (bench.workload.Fleet). Every node's first scrape primes the
+  store with the fleet's keys; then `warmup_s`, then `duration_s` of measurement: acknowledged
+  resources and data points per second, per-Export latency, and the CPU time the service and
+  this process used in that window. With `extra_s`, the load goes on that long after the
+  window (an ``extra`` event marks it): time for a profiler that would perturb the figures.
+- ``history``: every request of one stage of bench.workload.HistoryPlan, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceResponse,
+)
+
+from bench import procstat
+from bench.otlp import Export, check_export
+from bench.workload import Fleet, FleetSpec, HistoryPlan, HistorySpec
+
+EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_MAX_FUTURE_MS = 4 * 60_000  # pathwatch rejects points more than 5 minutes ahead
+
+
+@dataclass(frozen=True)
+class Job:
+    target: str
+    source: str  # "fleet" or "history"
+    spec: dict[str, Any]
+    stage: int = 0
+    concurrency: int = 8
+    channels: int = 4
+    warmup_s: float = 3.0
+    duration_s: float = 20.0
+    extra_s: float = 0.0  # fleet: load after the measurement (for a profiler), not measured
+    service_pid: int | None = None
+    progress_s: float = 1.0
+    timeout_s: float = 30.0  # per Export call
+
+
+@dataclass
+class Tally:
+    """What the service acknowledged so far."""
+
+    requests: int = 0
+    resources: int = 0
+    points: int = 0
+    keys: int = 0
+    retries: int = 0
+    partial: int = 0  # acknowledgements that rejected data points (partial_success)
+    done: list[tuple[float, float, int, int]] = field(default_factory=list)  # end, latency, r, p
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+class Driver:
+    """Sends exports from an iterator until it ends or `stop_at` (monotonic) passes."""
+
+    def __init__(self, job: Job, exports: Iterator[Export]) -> None:
+        self.job = job
+        self.exports = exports
+        self.tally = Tally()
+        self.stop_at = float("inf")
+        self.phase = "load"
+        self.error: str | None = None
+
+    async def run(self) -> None:
+        options = [
+            ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
+        channels = [
+            grpc.aio.insecure_channel(
+                self.job.target, options=options, compression=grpc.Compression.Gzip
+            )
+            for _ in range(max(1, self.job.channels))
+        ]
+        try:
+            calls = [
+                ch.unary_unary(
+                    EXPORT_METHOD,
+                    request_serializer=None,  # payloads are serialized already
+                    response_deserializer=ExportMetricsServiceResponse.FromString,
+                )
+                for ch in channels
+            ]
+            workers = [
+                asyncio.create_task(self._worker(calls[i % len(calls)]))
+                for i in range(self.job.concurrency)
+            ]
+            await asyncio.gather(*workers)
+        finally:
+            for ch in channels:
+                await ch.close()
+
+    async def _worker(self, call: Any) -> None:
+        tally = self.tally
+        while self.error is None and time.monotonic() < self.stop_at:
+            export = next(self.exports, None)
+            if export is None:
+                return
+            if export.time_ms > time.time() * 1000 + _MAX_FUTURE_MS:
+                self.error = (
+                    "simulated time ran ahead of the clock: start the fleet earlier or "
+                    "shorten the run"
+                )
+                return
+            while True:
+                started = time.monotonic()
+                try:
+                    response = await call(export.payload, timeout=self.job.timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in _RETRYABLE:
+                        tally.retries += 1
+                        await asyncio.sleep(0.05)
+                        continue
+                    self.error = f"Export failed: {exc.code().name}: {exc.details()}"
+                    return
+                break
+            ended = time.monotonic()
+            tally.requests += 1
+            tally.resources += export.resources
+            tally.points += export.points
+            tally.keys += export.new_keys
+            if response.partial_success.rejected_data_points:
+                tally.partial += 1
+            tally.done.append((ended, ended - started, export.resources, export.points))
+
+
+async def _progress(driver: Driver, every: float, total_keys: int | None) -> None:
+    started = time.monotonic()
+    last_t, last_r = started, 0
+    while True:
+        await asyncio.sleep(every)
+        now, t = time.monotonic(), driver.tally
+        emit(
+            "progress",
+            phase=driver.phase,
+            elapsed=round(now - started, 2),
+            resources=t.resources,
+            keys=t.keys,
+            total_keys=total_keys,
+            rate=round((t.resources - last_r) / max(1e-9, now - last_t)),
+        )
+        last_t, last_r = now, t.resources
+
+
+def _summary(tally: Tally, start: float, end: float) -> dict[str, Any]:
+    """Rates and latency of the exports acknowledged in [start, end]."""
+    window = [d for d in tally.done if start <= d[0] <= end]
+    seconds = max(1e-9, end - start)
+    latencies = sorted(d[1] for d in window)
+    return {
+        "seconds": round(seconds, 3),
+        "requests": len(window),
+        "resources": sum(d[2] for d in window),
+        "points": sum(d[3] for d in window),
+        "resources_per_s": sum(d[2] for d in window) / seconds,
+        "points_per_s": sum(d[3] for d in window) / seconds,
+        "latency_p50_ms": percentile(latencies, 0.50) * 1000,
+        "latency_p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
+async def run_fleet(job: Job) -> dict[str, Any]:
+    spec = FleetSpec(**job.spec)
+    exports = Fleet(spec).requests()
+    first = next(exports)
+    check_export(first)
+    driver = Driver(job, _chain(first, exports))
+    reporter = asyncio.create_task(_progress(driver, job.progress_s, None))
+    window: dict[str, float] = {}
+
+    async def clock() -> None:
+        driver.phase = "prime"
+        while driver.tally.requests < spec.nodes and driver.error is None:
+            await asyncio.sleep(0.05)
+        window["prime_s"] = time.monotonic() - started
+        driver.phase = "warmup"
+        await asyncio.sleep(job.warmup_s)
+        window["start"] = time.monotonic()
+        window["service_cpu0"] = procstat.cpu_seconds(job.service_pid)
+        window["own_cpu0"] = procstat.cpu_seconds()
+        driver.phase = "measure"
+        driver.stop_at = window["start"] + job.duration_s + job.extra_s
+        emit("measure", phase="measure", seconds=job.duration_s)
+        await asyncio.sleep(job.duration_s)
+        window["end"] = time.monotonic()
+        window["service_cpu1"] = procstat.cpu_seconds(job.service_pid)
+        window["own_cpu1"] = procstat.cpu_seconds()
+        if job.extra_s > 0:
+            driver.phase = "extra"
+            emit("extra", phase="extra", seconds=job.extra_s)
+            await asyncio.sleep(job.extra_s)
+        driver.phase = "drain"
+
+    started = time.monotonic()
+    timer = asyncio.create_task(clock())
+    try:
+        await driver.run()
+        if driver.error is None:
+            await asyncio.wait_for(timer, timeout=job.warmup_s + job.duration_s + job.extra_s + 5)
+    finally:
+        timer.cancel()
+        reporter.cancel()
+    if driver.error is not None:
+        raise RuntimeError(driver.error)
+    seconds = window["end"] - window["start"]
+    result = _summary(driver.tally, window["start"], window["end"])
+    result.update(
+        prime_s=window["prime_s"],
+        service_cpu=(window["service_cpu1"] - window["service_cpu0"]) / seconds,
+        loadgen_cpu=(window["own_cpu1"] - window["own_cpu0"]) / seconds,
+        retries=driver.tally.retries,
+        partial=driver.tally.partial,
+        request_bytes=len(first.payload),
+        simulated_s=(driver.tally.requests / spec.nodes) * spec.interval_s,
+    )
+    return result
+
+
+async def run_history(job: Job) -> dict[str, Any]:
+    plan = HistoryPlan(HistorySpec(**job.spec))
+    exports = (plan.export(s) for s in plan.scrapes(job.stage))
+    first = next(exports)
+    check_export(first)
+    driver = Driver(job, _chain(first, exports))
+    reporter = asyncio.create_task(_progress(driver, job.progress_s, plan.stage_keys(job.stage)))
+    started = time.monotonic()
+    cpu0 = procstat.cpu_seconds()
+    try:
+        await driver.run()
+    finally:
+        reporter.cancel()
+    if driver.error is not None:
+        raise RuntimeError(driver.error)
+    ended = time.monotonic()
+    result = _summary(driver.tally, started, ended)
+    result.update(
+        keys=driver.tally.keys,
+        retries=driver.tally.retries,
+        partial=driver.tally.partial,
+        keys_per_s=driver.tally.keys / max(1e-9, ended - started),
+        loadgen_cpu=(procstat.cpu_seconds() - cpu0) / max(1e-9, ended - started),
+    )
+    return result
+
+
+def _chain(first: Export, rest: Iterator[Export]) -> Iterator[Export]:
+    yield first
+    yield from rest
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m bench.loadgen JOB_JSON", file=sys.stderr)
+        return 2
+    job = Job(**json.loads(argv[0]))
+    runner = run_fleet if job.source == "fleet" else run_history
+    try:
+        result = asyncio.run(runner(job))
+    except (RuntimeError, TimeoutError) as exc:
+        emit("error", message=str(exc) or type(exc).__name__)
+        return 1
+    emit("result", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,263 @@
+"""The final report: the machine, the exact workload and one table of results against targets."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from bench import procstat
+from bench.history import HistoryResult, median_server_s
+from bench.ingest import IngestResult
+from bench.otlp import POINTS_PER_RESOURCE, PROCESS_METRICS
+from bench.settings import Settings
+
+MB = 1_000_000
+_PACKAGES = ("pathwatch", "grpcio", "protobuf", "opentelemetry-proto", "rocksdict", "duckdb")
+
+
+@dataclass(frozen=True)
+class Machine:
+    cores: int
+    cpu_model: str
+    memory_bytes: int
+    system: str
+    python: str
+    versions: dict[str, str]
+
+    @classmethod
+    def detect(cls) -> Machine:
+        versions = {}
+        for name in _PACKAGES:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                versions[name] = "absent"
+        return cls(
+            cores=os.cpu_count() or 0,
+            cpu_model=procstat.cpu_model(),
+            memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            system=f"{platform.system()} {platform.release()}",
+            python=platform.python_version(),
+            versions=versions,
+        )
+
+
+@dataclass(frozen=True)
+class Row:
+    measurement: str
+    result: str
+    target: str = ""
+    verdict: str = ""
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _n(value: float) -> str:
+    return f"{round(value):,}"
+
+
+def _mb(value: float) -> str:
+    return f"{value / MB:,.0f} MB"
+
+
+def _s(value: float) -> str:
+    return f"{value:.3f} s"
+
+
+def rows(
+    settings: Settings,
+    ingest: IngestResult,
+    history: HistoryResult,
+    reference: dict[str, Any] | None,
+) -> list[Row]:
+    fleet, parse, plan = ingest.fleet, ingest.parse, history.plan
+    ratio = fleet["resources_per_s"] / parse["resources_per_s"]
+    out = [
+        Row("1. ingest: process resources/s acknowledged (service on 1 core)",
+            _n(fleet["resources_per_s"]), ">= 50% of parse-only"),
+        Row("   parse-only: resources/s, ExportMetricsServiceRequest.FromString, 1 core",
+            _n(parse["resources_per_s"])),
+        Row("   ingest / parse-only", f"{ratio:.1%}", ">= 50%", _verdict(ratio >= 0.5)),
+        Row("   data points/s acknowledged", _n(fleet["points_per_s"])),
+        Row(f"   Export latency p50 / p99 ({settings.concurrency} in flight)",
+            f"{fleet['latency_p50_ms']:.0f} / {fleet['latency_p99_ms']:.0f} ms"),
+        Row("   CPU used: service / load generator (cores)",
+            f"{fleet['service_cpu']:.2f} / {fleet['loadgen_cpu']:.2f}",
+            "service ~1.00, generator < 0.90",
+            _verdict(fleet["loadgen_cpu"] < 0.9 and fleet["service_cpu"] > 0.9)),
+    ]  # fmt: skip
+    load = history.loads
+    seconds = sum(x["seconds"] for x in load)
+    keys = sum(x["keys"] for x in load)
+    rss = " / ".join(_mb(history.rss_at.get(p, 0)) for p in (10, 50, 100))
+    out += [
+        Row(f"2. memory: peak RSS (VmHWM) while storing {_n(plan.keys)} keys",
+            _mb(history.hwm_after_load), "< 300 MB",
+            _verdict(history.hwm_after_load < 300 * MB)),
+        Row("   RSS at 10% / 50% / 100% of the keys", rss, "flat: +5% at most 50->100%",
+            _verdict(history.rss_at.get(100, 0) <= 1.05 * history.rss_at.get(50, 0))),
+        Row("   peak RSS including every evaluation", _mb(history.hwm_end)),
+        Row("   history ingest: new keys/s (mostly new keys, 1 core)", _n(keys / seconds)),
+    ]  # fmt: skip
+    first = {stage: evs[0] for stage, evs in history.evaluations.items()}
+    short, full = first[0], first[1]
+    out += [
+        Row(f"3. evaluation, {plan.spec.days} d of history ({_n(plan.keys)} keys, "
+            f"{_n(plan.active_keys)} active)", _s(full.server_s), "< 1 s",
+            _verdict(full.server_s < 1.0)),
+        Row(f"   same, {plan.spec.short_days} d of history ({_n(plan.stage_keys(0))} keys)",
+            _s(short.server_s), "flat", _verdict(full.server_s <= 1.5 * short.server_s + 0.05)),
+        Row("   repeated at other minutes (alerts already recorded), median 7 d / 30 d",
+            f"{_s(median_server_s(history.evaluations[0][1:] or history.evaluations[0]))} / "
+            f"{_s(median_server_s(history.evaluations[1][1:] or history.evaluations[1]))}"),
+        Row("   evaluate HTTP round trip, 30 d (response size)",
+            f"{_s(full.http_s)} ({full.response_bytes / 1000:,.0f} kB)"),
+        Row("   offline `pathwatch evaluate` (process start to exit)", _s(history.cli_s)),
+        Row("   first evaluation after a restart (cold caches)",
+            _s(history.restart_eval.server_s) if history.restart_eval else "-"),
+    ]  # fmt: skip
+    if reference is not None:
+        by_stage = {s["stage"]: s for s in reference["stages"]}
+        d0, d1 = by_stage[0]["query_median_s"], by_stage[1]["query_median_s"]
+        r0, r1 = d0 / max(short.server_s, 1e-9), d1 / max(full.server_s, 1e-9)
+        out += [
+            Row(f"   DuckDB reference, {plan.spec.short_days} d / {plan.spec.days} d of rows "
+                f"({_n(by_stage[0]['rows'])} / {_n(by_stage[1]['rows'])})",
+                f"{_s(d0)} / {_s(d1)}", f"DuckDB peak RSS {_mb(reference['peak_rss'])}"),
+            Row(f"   DuckDB / pathwatch at {plan.spec.short_days} d / {plan.spec.days} d",
+                f"{r0:.1f}x / {r1:.1f}x", ">= 10x", _verdict(r1 >= 10)),
+        ]  # fmt: skip
+    out += [
+        Row(f"4. restart: exec to /readyz 200 with {_n(history.keys_created)} keys",
+            _s(history.restart_s), "< 5 s", _verdict(history.restart_s < 5.0)),
+        Row("   clean shutdown (SIGTERM to exit)", _s(history.shutdown_s)),
+        Row("5. disk: bytes per stored key after compaction",
+            f"{history.bytes_after_compaction / max(1, plan.keys):.1f} B",
+            f"{_mb(history.bytes_after_compaction)} total"),
+        Row("   before compaction", f"{history.bytes_before_compaction / max(1, plan.keys):.1f} B",
+            f"compaction took {history.compaction_s:.1f} s"),
+    ]  # fmt: skip
+    out.append(
+        Row("checks: stored keys, alerts = expected = DuckDB, no rejects", *_checks(
+            ingest, history, reference))
+    )  # fmt: skip
+    return out
+
+
+def _checks(
+    ingest: IngestResult, history: HistoryResult, reference: dict[str, Any] | None
+) -> tuple[str, str, str]:
+    plan, problems = history.plan, []
+    for name, load in [("ingest", ingest.fleet), *(("history", x) for x in history.loads)]:
+        if load["partial"]:
+            problems.append(f"{name}: {load['partial']} exports had rejected points")
+        if load["retries"]:
+            problems.append(f"{name}: {load['retries']} exports retried (UNAVAILABLE)")
+    if history.keys_created != plan.keys:
+        problems.append(f"stored {history.keys_created:,} keys, sent {plan.keys:,}")
+    for stage, evs in history.evaluations.items():
+        found = evs[0].alerts + evs[0].duplicates
+        if found != plan.expected_new(stage):
+            problems.append(f"stage {stage}: {found} found, {plan.expected_new(stage)} expected")
+    for s in (reference or {}).get("stages", []):
+        if s["found"] != s["expected"]:
+            problems.append(f"DuckDB stage {s['stage']}: {s['found']} found")
+    if problems:
+        return "; ".join(problems), "", "FAIL"
+    return "all match", "", "PASS"
+
+
+def render_table(table: list[Row]) -> str:
+    header = Row("measurement", "result", "target", "")
+    widths = [
+        max(len(getattr(r, f)) for r in [header, *table])
+        for f in ("measurement", "result", "target", "verdict")
+    ]
+
+    def line(r: Row) -> str:
+        cells = (r.measurement, r.result, r.target, r.verdict)
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    rule = "-" * (sum(widths) + 6)
+    return "\n".join([line(header), rule, *(line(r) for r in table)])
+
+
+def describe_machine(machine: Machine, settings: Settings) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in machine.versions.items())
+    return (
+        f"machine:  {machine.cores} cores, {machine.cpu_model}, "
+        f"{machine.memory_bytes / 2**30:.1f} GiB RAM, {machine.system}, Python {machine.python}\n"
+        f"          {versions}\n"
+        f"pinning:  service on core {settings.service_cpu} (taskset), load generator, DuckDB "
+        f"and py-spy on core {settings.loadgen_cpu}; parse-only baseline and DuckDB queries "
+        f"on core {settings.service_cpu} while the service is stopped"
+    )
+
+
+def describe_workload(settings: Settings, ingest: IngestResult, history: HistoryResult) -> str:
+    plan, spec = history.plan, ingest.spec
+    names = ", ".join(m.name.removeprefix("process.") for m in PROCESS_METRICS)
+    return "\n".join(
+        [
+            f"requests: hostmetrics-shaped ExportMetricsServiceRequest, {settings.processes} "
+            f"process resources each, 10 resource attributes (pid, parent pid, executable name "
+            f"and path, command, command line, owner, host.name, k8s.cluster.name, "
+            f"k8s.node.name), {len(PROCESS_METRICS)} metrics / {POINTS_PER_RESOURCE} data "
+            f"points per resource ({names}); {ingest.request_bytes / 1000:,.0f} kB per request "
+            f"({ingest.request_gzip_bytes / 1000:,.0f} kB gzip); gzip on the wire",
+            f"ingest:   {spec.nodes} nodes x {spec.processes} processes "
+            f"({spec.nodes * spec.processes:,} live keys), a scrape every {spec.interval_s:g} s "
+            f"of simulated time per node starting {ingest.head_start_s / 3600:.1f} h "
+            f"before the run, churn {spec.churn:.1%} of processes per scrape; "
+            f"{settings.concurrency} Exports in flight over {settings.channels} connections; "
+            f"every node's first scrape, then {settings.warmup_s:g} s warm-up, then "
+            f"{settings.duration_s:g} s measured",
+            f"history:  {plan.keys:,} distinct keys over {plan.spec.days} days, {plan.spec.nodes}"
+            f" nodes; {plan.active_keys:,} active in the last hour, {plan.expected_new(1):,} of "
+            f"them new (no earlier observation); stage 1: active keys + newest "
+            f"{plan.spec.short_days} days ({plan.stage_keys(0):,} keys), stage 2: the older "
+            f"history ({plan.stage_keys(1):,} keys); evaluations at ticks just before "
+            f"{_iso(plan.tick_ms)}, each at its own minute",
+            f"service:  store.fsync {str(settings.fsync).lower()}, other settings default "
+            f"({service_defaults()}); the rule's schedule moved off the run (the bench "
+            f"evaluates through the API); history phase with the new-key flood guards off "
+            f"(limits.new_keys_per_*: 0)",
+        ]
+    )
+
+
+def service_defaults() -> str:
+    """The service's bounded caches and workers, read from its own configuration defaults."""
+    from pathwatch.config.model import GrpcReceiverConfig, ReceiverConfig, StoreConfig
+    from pathwatch.store.db import DatabaseOptions
+
+    store, receiver = StoreConfig(), ReceiverConfig()
+    parts = [f"store.cache_keys {store.cache_keys:,}"]
+    resources = getattr(receiver, "resource_cache", None)
+    if resources is not None:
+        parts.append(f"receiver.resource_cache {resources:,}")
+    parts += [
+        f"store.max_pending_keys {store.max_pending_keys:,}",
+        f"store.block_cache_size {store.block_cache_size >> 20} MiB",
+        f"write buffer {DatabaseOptions().write_buffer_bytes >> 20} MiB",
+        f"{GrpcReceiverConfig().max_workers} gRPC workers",
+    ]
+    return ", ".join(parts)
+
+
+def describe_profile(title: str, top: list[tuple[str, float]]) -> str:
+    if not top:
+        return ""
+    lines = [f"py-spy, {title}: top functions by self time (share of samples)"]
+    lines += [f"  {share:6.1%}  {name}" for name, share in top]
+    return "\n".join(lines)
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
