@@ -154,6 +154,7 @@ class ServiceProcess:
     proc: subprocess.Popen[str] | None = None
     grpc_port: int = 0
     http_port: int = 0
+    otlp_http_port: int = 0
     lines: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
@@ -164,12 +165,16 @@ class ServiceProcess:
             "log": {"level": "debug", "format": "json"},
             **self.config,
         }
+        # The OTLP/HTTP receiver listens on 0.0.0.0:4318 by default: tests that set their own
+        # receiver settings still get an ephemeral loopback port unless they name one.
+        receiver = cfg["receiver"] = dict(cfg["receiver"])
+        receiver["http"] = {"listen": "127.0.0.1:0", **receiver.get("http", {})}
         path = self.data_dir.parent / f"{self.data_dir.name}-config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PATHWATCH_")}
         env.update(self.env)
         self.lines = []
-        self.grpc_port = self.http_port = 0
+        self.grpc_port = self.http_port = self.otlp_http_port = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pathwatch", "serve", "--config", str(path)],
             stdout=subprocess.PIPE,
@@ -193,6 +198,8 @@ class ServiceProcess:
                 self.grpc_port = int(m.group(1))
             elif m and "admin http listening" in line:
                 self.http_port = int(m.group(1))
+            elif m and "otlp http receiver listening" in line:
+                self.otlp_http_port = int(m.group(1))
         return self
 
     def _pump(self, ready: queue.Queue[str]) -> None:

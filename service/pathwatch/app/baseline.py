@@ -20,10 +20,11 @@ change an older reader would misread gets a new version, which import refuses.
 Import merges with the same result FirstSeenStore.apply gives for the same observations:
 presence is the union of runs, trimmed to the rule's horizon and run cap; first_seen is the
 minimum and last_seen the maximum; host, cluster and context first-seen rows keep the minimum.
-Like apply, it writes an activity-index entry for each hour of imported presence inside the
-index window that the key had no presence in, an expiry-index entry when the last-seen day
-changes, and the rule's exact key count. Importing the same file again changes nothing. Keys of
-rules missing from `retention`, and keys with no presence inside the horizon, are skipped.
+Like apply, it writes an activity-index entry (valued with the merged first_seen) for each hour
+of imported presence inside the index window that the key had no presence in, an expiry-index
+entry when the last-seen day changes, and the rule's exact key count. Importing the same file
+again changes nothing. Keys of rules missing from `retention`, and keys with no presence inside
+the horizon, are skipped.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ class _Merger:
                 continue
             wb.put(rkey, encode_state(state))
             for hour in _new_hours(imported, old, retention, self._now_ms):
-                wb.put(ks.activity_key(rule, hour, encoded), b"")
+                # As apply: the value is first_seen at write time, a real observation.
+                wb.put(ks.activity_key(rule, hour, encoded), ks.u64(state.first_seen_ms))
             last_day = state.last_seen_ms // day_ms
             if old is None or old.last_seen_ms // day_ms != last_day:
                 wb.put(ks.expiry_key(rule, last_day, encoded), b"")

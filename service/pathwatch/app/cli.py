@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 from pathwatch import __version__
 from pathwatch.config import Config, ConfigError, load_config
@@ -208,6 +209,101 @@ def _cmd_redrive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_for_backfill(args: argparse.Namespace) -> tuple[Config, Any]:
+    """A stopped data dir opened for replay or baseline import. The new-key flood guards are
+    off: a backfill legitimately creates many keys per host within one wall-clock hour, and
+    no summary alert could be raised for what they would refuse."""
+    import dataclasses
+
+    config = _load(args)
+    limits = dataclasses.replace(config.limits, new_keys_per_host_per_hour=0, new_keys_per_hour=0)
+    config = dataclasses.replace(config, limits=limits)
+    return config, _open_offline(config)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from pathwatch.app.replay import replay
+    from pathwatch.app.service import retention_of
+    from pathwatch.receiver.decode import Decoder
+
+    config, service = _open_for_backfill(args)
+    try:
+        assert service.firstseen is not None
+        retention = {
+            r.id: retention_of(r, config.store.max_runs_per_key) for r in service.enabled_rules
+        }
+        decoder = Decoder(
+            service.rules, config.receiver.max_key_field_bytes, config.receiver.resource_cache
+        )
+        try:
+            stats = replay(
+                args.files,
+                decoder,
+                service.firstseen,
+                retention,
+                service.clock,
+                service.time_bounds(),
+                sys.stderr,
+            )
+        except OSError as exc:
+            print(f"pathwatch: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+    finally:
+        if service.db is not None:
+            service.db.close()
+    return EXIT_RUNTIME if stats.bad_requests and not stats.requests else 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from pathwatch.app.baseline import export_baseline, import_baseline
+    from pathwatch.app.service import retention_of
+
+    config, service = _open_for_backfill(args)
+    try:
+        known = {r.id for r in service.rules}
+        unknown = [r for r in args.rule or [] if r not in known]
+        if unknown:
+            print(
+                f"pathwatch: unknown rule(s) {', '.join(unknown)} "
+                f"(rules: {', '.join(sorted(known))})",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        if args.action == "export":
+            if args.file == "-":
+                count = export_baseline(service.db, sys.stdout.buffer, args.rule or [])
+            else:
+                partial = args.file + ".partial"
+                with open(partial, "wb") as out:
+                    count = export_baseline(service.db, out, args.rule or [])
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(partial, args.file)
+            print(f"{count} key(s) exported", file=sys.stderr)
+            return 0
+        retention = {
+            r.id: retention_of(r, config.store.max_runs_per_key)
+            for r in service.enabled_rules
+            if not args.rule or r.id in args.rule
+        }
+        try:
+            if args.file == "-":
+                count = import_baseline(
+                    service.db, sys.stdin.buffer, retention, service.clock.now_ms()
+                )
+            else:
+                with open(args.file, "rb") as inp:
+                    count = import_baseline(service.db, inp, retention, service.clock.now_ms())
+        except (OSError, ValueError) as exc:
+            print(f"pathwatch: {args.file}: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(f"{count} key(s) merged from {args.file}", file=sys.stderr)
+        return 0
+    finally:
+        if service.db is not None:
+            service.db.close()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pathwatch.app.demo import run_demo
 
@@ -270,6 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rd.add_argument("--data-dir", help="override data_dir (stopped service)")
     rd.set_defaults(func=_cmd_redrive)
+    rp = with_config(
+        sub.add_parser(
+            "replay",
+            help="feed recorded OTLP metrics files (the collector's file exporter: JSON lines "
+            "or protobuf, plain or gzip) into a stopped data dir",
+        )
+    )
+    rp.add_argument("files", nargs="+", metavar="FILE")
+    rp.add_argument("--data-dir", help="override data_dir")
+    rp.set_defaults(func=_cmd_replay)
+    bl = with_config(
+        sub.add_parser("baseline", help="export or import first-seen state (stopped data dir)")
+    )
+    bl.add_argument("action", choices=("export", "import"))
+    bl.add_argument("file", metavar="FILE", help="the baseline file; - for stdout / stdin")
+    bl.add_argument(
+        "--rule", action="append", metavar="ID", help="only this rule (repeatable; default: all)"
+    )
+    bl.add_argument("--data-dir", help="override data_dir")
+    bl.set_defaults(func=_cmd_baseline)
     return parser
 
 

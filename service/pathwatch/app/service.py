@@ -22,6 +22,7 @@ from pathwatch.clock import DAY_MS, MINUTE_MS, Clock, SystemClock
 from pathwatch.config.model import AuthConfig, Config, TlsConfig
 from pathwatch.receiver.decode import Decoder, TimeBounds
 from pathwatch.receiver.grpc_server import OtlpGrpcReceiver
+from pathwatch.receiver.http_server import OtlpHttpReceiver
 from pathwatch.rules import Rule, resolve_rules
 from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD
 from pathwatch.scheduler import Scheduler, TickRunner
@@ -59,6 +60,7 @@ def check_access(config: Config) -> None:
     the setting when one cannot be used."""
     for where, auth, tls in (
         ("receiver.grpc", config.receiver.grpc.auth, config.receiver.grpc.tls),
+        ("receiver.http", config.receiver.http.auth, config.receiver.http.tls),
         ("http", config.http.auth, config.http.tls),
     ):
         bearer_token(auth, where)
@@ -105,6 +107,7 @@ class Service:
         self.writer: IngestWriter | None = None
         self.dispatcher: Dispatcher | None = None
         self.receiver: OtlpGrpcReceiver | None = None
+        self.http_receiver: OtlpHttpReceiver | None = None
         self.runner: TickRunner | None = None
         self.scheduler: Scheduler | None = None
         self.http: object | None = None
@@ -200,9 +203,11 @@ class Service:
             explainer=Explainer(self.firstseen.context, self.firstseen.entity_first_seen),
         )
         grpc_cfg = cfg.receiver.grpc
+        # One decoder for both transports: thread-safe, and its resource cache is shared.
+        decoder = Decoder(self.rules, cfg.receiver.max_key_field_bytes, cfg.receiver.resource_cache)
         self.receiver = OtlpGrpcReceiver(
             grpc_cfg,
-            Decoder(self.rules, cfg.receiver.max_key_field_bytes, cfg.receiver.resource_cache),
+            decoder,
             self.writer,
             self.time_bounds,
             self.metrics,
@@ -210,6 +215,18 @@ class Service:
             tls=tls_of(grpc_cfg.tls, "receiver.grpc"),
         )
         self.receiver.start()
+        http_cfg = cfg.receiver.http
+        if http_cfg.listen:
+            self.http_receiver = OtlpHttpReceiver(
+                http_cfg,
+                decoder,
+                self.writer,
+                self.time_bounds,
+                self.metrics,
+                token=bearer_token(http_cfg.auth, "receiver.http"),
+                tls=tls_of(http_cfg.tls, "receiver.http"),
+            )
+            self.http_receiver.start()
         self.scheduler = Scheduler(
             self.rules,
             self.runner,
@@ -284,6 +301,11 @@ class Service:
             checks["receiver"], ok = "not serving", False
         else:
             checks["receiver"] = "ok"
+        if self.config.receiver.http.listen:
+            if self.http_receiver is None or not self.http_receiver.serving:
+                checks["receiver_http"], ok = "not serving", False
+            else:
+                checks["receiver_http"] = "ok"
         if self.scheduler is None or not self.scheduler.running:
             checks["scheduler"], ok = "not running", False
         else:
@@ -304,6 +326,8 @@ class Service:
         if self.http is not None:
             self.http.shutdown()  # type: ignore[attr-defined]
             self.http = None
+        if self.http_receiver is not None:
+            self.http_receiver.shutdown(grace=left(0.2))
         if self.receiver is not None:
             self.receiver.shutdown(grace=left(0.4))
         if self.scheduler is not None:

@@ -227,6 +227,18 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log.format: expected auto, json or console, got {config.log.format!r}")
     if config.receiver.grpc.max_receive_message_size < 1 << 20:
         raise ConfigError("receiver.grpc.max_receive_message_size: must be at least 1MiB")
+    http_receiver = config.receiver.http
+    if http_receiver.listen:
+        host, sep, port = http_receiver.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"receiver.http.listen: expected HOST:PORT (or empty: off), "
+                f"got {http_receiver.listen!r}"
+            )
+    if http_receiver.max_receive_message_size < 1 << 20:
+        raise ConfigError("receiver.http.max_receive_message_size: must be at least 1MiB")
+    if http_receiver.max_concurrent_requests < 1:
+        raise ConfigError("receiver.http.max_concurrent_requests: must be at least 1")
     if config.store.max_pending_keys < 1:
         raise ConfigError("store.max_pending_keys: must be at least 1")
     for name in ("new_keys_per_host_per_hour", "new_keys_per_hour", "max_alerts_per_tick"):

@@ -45,8 +45,24 @@ class GrpcReceiverConfig:
 
 
 @dataclass(frozen=True)
+class HttpReceiverConfig:
+    """OTLP/HTTP: POST /v1/metrics, binary protobuf or JSON, gzip. An empty listen turns it off."""
+
+    listen: str = "0.0.0.0:4318"
+    # Applies to the body as sent and again after decompression (413 past it).
+    max_receive_message_size: ByteSize = ByteSize(64 << 20)
+    # How long an export waits for a durable write before answering 503 + Retry-After.
+    ack_timeout: Duration = Duration(10.0)
+    # Connections served at once (a thread each); past it, 503 + Retry-After.
+    max_concurrent_requests: int = 32
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+
+@dataclass(frozen=True)
 class ReceiverConfig:
     grpc: GrpcReceiverConfig = field(default_factory=GrpcReceiverConfig)
+    http: HttpReceiverConfig = field(default_factory=HttpReceiverConfig)
     max_future_skew: Duration = Duration(300.0)
     max_key_field_bytes: int = 4096
     # Distinct resources whose decoded key fields are remembered (a process's resource

@@ -32,7 +32,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -47,6 +46,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
+from pathwatch.config.model import HttpReceiverConfig
 from pathwatch.receiver.decode import Decoder, DecodeResult, InvalidRequest, TimeBounds
 from pathwatch.receiver.grpc_server import rejection_message
 from pathwatch.store.writer import Backpressure, IngestWriter
@@ -78,17 +78,6 @@ _RPC_CODES = {
     500: code_pb2.INTERNAL,
     503: code_pb2.UNAVAILABLE,
 }
-
-
-@dataclass(frozen=True)
-class HttpReceiverConfig:
-    listen: str = "0.0.0.0:4318"
-    # Applies to the body as sent and again after decompression (413 past it).
-    max_receive_message_size: int = 64 << 20
-    # How long an export waits for its observations to become durable before answering 503.
-    ack_timeout: float = 10.0
-    # Connections served at once (one thread each); past it, 503 with Retry-After.
-    max_concurrent_requests: int = 32
 
 
 class _Reject(Exception):
@@ -311,6 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def _srv(self) -> _Server:
         return cast(_Server, self.server)
+
+    def version_string(self) -> str:
+        return self.server_version  # no Python version in the Server header
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # outcomes are counted in metrics; per-request lines would flood the log
