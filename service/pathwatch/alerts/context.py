@@ -25,7 +25,10 @@ class Explainer:
         self._index = index
         self._entities = entity_first_seen
 
-    def explain(self, finding: Finding) -> dict[str, Any]:
+    def explain(
+        self, finding: Finding, memo: dict[bytes, list[tuple[list[str], int]]] | None = None
+    ) -> dict[str, Any]:
+        """The context of one alert; pass the same `memo` for all alerts of one evaluation."""
         rule, key = finding.rule, finding.key
         cluster = rule.field_value(key, CLUSTER_FIELD)
         host = rule.field_value(key, HOST_FIELD)
@@ -36,7 +39,7 @@ class Explainer:
         ctx: dict[str, Any] = {}
         if cluster is not None:
             window_start = finding.tick_ms - rule.window_minutes * MINUTE_MS
-            ctx = self._index.explain(cluster, host or "", path, name, window_start)
+            ctx = self._index.explain(cluster, host or "", path, name, window_start, memo)
         if host is not None:
             first = self._entities("h", host)
             ctx["host_first_seen"] = rfc3339(first) if first is not None else None

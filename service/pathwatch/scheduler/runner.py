@@ -97,12 +97,13 @@ class TickRunner:
         if self._explainer is None or not events:
             return
         by_id = {alert_id(f.rule.id, f.key, f.first_minute): f for f in findings}
+        memo: dict[bytes, list[tuple[list[str], int]]] = {}
         for event in events:
             finding = by_id.get(event.id)
             if finding is None:
                 continue
             try:
-                event.body["context"] = self._explainer.explain(finding)
+                event.body["context"] = self._explainer.explain(finding, memo)
             except Exception:
                 log.exception("cannot build alert context", alert_id=event.id)
 

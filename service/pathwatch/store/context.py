@@ -61,26 +61,45 @@ class ContextIndex:
             self._known.clear()
         self._known.update(candidates)
 
-    def _scan(self, prefix: bytes) -> list[tuple[list[str], int]]:
+    def _scan(
+        self, prefix: bytes, memo: dict[bytes, list[tuple[list[str], int]]] | None = None
+    ) -> list[tuple[list[str], int]]:
+        if memo is not None and prefix in memo:
+            return memo[prefix]
         out = []
         for raw, value in self._db.scan_prefix(prefix):
             out.append((raw[1:].decode("utf-8", "surrogatepass").split(_SEP), ks.from_u64(value)))
             if len(out) >= self._scan_limit:
                 break
+        if memo is not None:
+            memo[prefix] = out
         return out
 
     def explain(
-        self, cluster: str, host: str, path: str | None, name: str | None, before_ms: int
+        self,
+        cluster: str,
+        host: str,
+        path: str | None,
+        name: str | None,
+        before_ms: int,
+        memo: dict[bytes, list[tuple[list[str], int]]] | None = None,
     ) -> dict[str, Any]:
-        """What ran where before `before_ms` (the window start): for the alert's `context`."""
+        """What ran where before `before_ms` (the window start): for the alert's `context`.
+
+        `memo` shares prefix scans between the alerts of one evaluation, which often name the
+        same executable (a rollout, a worm): each (cluster, path) and (cluster, name) is read
+        once per evaluation, not once per alert.
+        """
         ctx: dict[str, Any] = {}
         if path is not None:
             prefix = b"P" + f"{cluster}{_SEP}{path}{_SEP}".encode("utf-8", "surrogatepass")
-            hosts = {p[2] for p, first in self._scan(prefix) if first < before_ms and p[2] != host}
+            hosts = {
+                p[2] for p, first in self._scan(prefix, memo) if first < before_ms and p[2] != host
+            }
             ctx["path_seen_on_other_nodes"] = len(hosts)
         if name is not None:
             prefix = b"N" + f"{cluster}{_SEP}{name}{_SEP}".encode("utf-8", "surrogatepass")
-            entries = [(p, first) for p, first in self._scan(prefix) if first < before_ms]
+            entries = [(p, first) for p, first in self._scan(prefix, memo) if first < before_ms]
             ctx["name_seen_on_other_nodes"] = len({p[3] for p, _ in entries if p[3] != host})
             per_path: Counter[str] = Counter()
             for p in {(p[2], p[3]) for p, _ in entries}:
