@@ -1,7 +1,8 @@
 # pathwatch container image.
 #
 #   docker build -t pathwatch:0.1.0 .
-#   docker run --read-only -p 4317:4317 -p 8080:8080 -v pathwatch-data:/var/lib/pathwatch pathwatch:0.1.0
+#   docker run --read-only -p 4317:4317 -p 4318:4318 -p 8080:8080 \
+#       -v pathwatch-data:/var/lib/pathwatch pathwatch:0.1.0
 #
 # Two stages: the builder turns the source tree into a wheel and installs it, with its
 # dependencies, into a self-contained venv; the final stage copies only that venv, so no build
@@ -68,9 +69,10 @@ WORKDIR /var/lib/pathwatch
 # when none is mounted). Kubernetes ignores it and mounts the PersistentVolumeClaim instead.
 VOLUME ["/var/lib/pathwatch"]
 
-# 4317: OTLP/gRPC receiver (receiver.grpc.listen). 8080: admin HTTP (/healthz, /readyz, /metrics,
+# 4317: OTLP/gRPC receiver (receiver.grpc.listen). 4318: OTLP/HTTP receiver (receiver.http.listen,
+# POST /v1/metrics; an empty listen turns it off). 8080: admin HTTP (/healthz, /readyz, /metrics,
 # /api/v1/...).
-EXPOSE 4317 8080
+EXPOSE 4317 4318 8080
 
 # For plain Docker only (Kubernetes uses the chart's probes). The slim image has no curl: the
 # venv's Python does the request. Assumes the default http.listen port without http.tls;

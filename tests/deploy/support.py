@@ -24,6 +24,10 @@ KUBE_VERSIONS = ("1.25", "1.33")
 # Prometheus Operator kinds: not in the Kubernetes schemas, checked structurally instead.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
+# The ports every artefact exposes, by Kubernetes port name: OTLP/gRPC (receiver.grpc.listen),
+# OTLP/HTTP (receiver.http.listen) and admin HTTP (http.listen), pathwatch's default listen ports.
+PORTS = {"grpc": 4317, "otlp-http": 4318, "http": 8080}
+
 # A well-formed Standard Webhooks secret, for configs whose webhook sink reads secret_env.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"pathwatch deploy test key").decode()
 
@@ -74,3 +78,8 @@ def one(objects: list[Manifest], kind: str) -> Manifest:
     found = by_kind(objects, kind)
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
+
+
+def listen_port(address: str) -> int:
+    """The port of a HOST:PORT listen address."""
+    return int(address.rpartition(":")[2])

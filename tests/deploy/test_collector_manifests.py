@@ -16,9 +16,11 @@ from pathwatch.config.model import GrpcReceiverConfig
 from tests.deploy.support import (
     CHART,
     DEPLOY,
+    PORTS,
     Manifest,
     by_kind,
     check_config,
+    listen_port,
     load_manifests,
     one,
     validate_kubernetes,
@@ -257,6 +259,27 @@ def test_plain_manifests_config_is_valid_for_pathwatch(
     result = check_config(text, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "data_dir=/var/lib/pathwatch" in result.stdout
+
+
+def test_plain_manifests_expose_otlp_grpc_otlp_http_and_admin_http(
+    pathwatch_objects: list[Manifest],
+) -> None:
+    """The Service has 4317 (grpc), 4318 (otlp-http, appProtocol http) and 8080 (http), each
+    targeting the container port of its name, which is the port of its listen address in
+    config.yaml."""
+    service = {p["name"]: p for p in one(pathwatch_objects, "Service")["spec"]["ports"]}
+    assert {name: p["port"] for name, p in service.items()} == PORTS
+    assert service["otlp-http"]["port"] == 4318
+    assert service["otlp-http"]["appProtocol"] == "http"
+    (c,) = one(pathwatch_objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert {p["targetPort"] for p in service.values()} == container_ports.keys()
+    config = yaml.safe_load(one(pathwatch_objects, "ConfigMap")["data"]["config.yaml"])
+    assert container_ports == {
+        "grpc": listen_port(config["receiver"]["grpc"]["listen"]),
+        "otlp-http": listen_port(config["receiver"]["http"]["listen"]),
+        "http": listen_port(config["http"]["listen"]),
+    }
 
 
 def strip_helm(obj: Manifest) -> Manifest:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.support import ROOT
+from tests.deploy.support import PORTS, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 DATA_DIR = "/var/lib/pathwatch"
@@ -124,10 +124,11 @@ def test_final_stage_runs_as_non_root_uid_10001(final: Stage) -> None:
     assert re.search(r'useradd .*--uid "?\$\{UID\}"?', " ".join(final.args("RUN")))
 
 
-def test_exposes_otlp_grpc_and_admin_http_ports(final: Stage) -> None:
-    """The image declares 4317 (OTLP/gRPC) and 8080 (admin HTTP)."""
+def test_exposes_otlp_grpc_otlp_http_and_admin_http_ports(final: Stage) -> None:
+    """The image declares 4317 (OTLP/gRPC), 4318 (OTLP/HTTP) and 8080 (admin HTTP)."""
     ports = {p.split("/")[0] for arg in final.args("EXPOSE") for p in arg.split()}
-    assert ports == {"4317", "8080"}
+    assert ports == {"4317", "4318", "8080"}
+    assert ports == {str(port) for port in PORTS.values()}
 
 
 def test_entrypoint_is_pathwatch_serve(final: Stage) -> None:

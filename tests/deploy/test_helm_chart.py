@@ -21,10 +21,12 @@ from tests.deploy.support import (
     CHART,
     CRD_KINDS,
     DEPLOY,
+    PORTS,
     WEBHOOK_SECRET,
     Manifest,
     by_kind,
     check_config,
+    listen_port,
     load_manifests,
     one,
     validate_kubernetes,
@@ -147,6 +149,14 @@ def config_text(objects: list[Manifest]) -> str:
     return text
 
 
+def service_ports(objects: list[Manifest]) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
+
+
+def container_ports(objects: list[Manifest]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+
+
 def checksum(objects: list[Manifest]) -> str:
     annotations = one(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     value: str = annotations["checksum/config"]
@@ -227,8 +237,8 @@ def test_probes_use_health_endpoints_on_the_http_port(default: list[Manifest]) -
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", **http}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", **http}
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", **http}
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": 4317, "http": 8080}
+    assert container_ports(default) == {"grpc": 4317, "otlp-http": 4318, "http": 8080}
+    assert container_ports(default) == PORTS
 
 
 def test_pod_is_non_root_read_only_and_without_capabilities(default: list[Manifest]) -> None:
@@ -286,14 +296,56 @@ def test_shutdown_timeout_fits_the_grace_period(chart: helm_python.Chart) -> Non
 
 
 def test_container_ports_follow_the_configured_listen_addresses(chart: helm_python.Chart) -> None:
-    """Changing receiver.grpc.listen moves the container port; the Service keeps 4317 and
-    targets the port by name."""
-    objects = render(chart, {"config": {"receiver": {"grpc": {"listen": "0.0.0.0:14317"}}}})
-    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    """Changing receiver.grpc.listen or receiver.http.listen moves the container port; the
+    Service keeps 4317 and 4318 and targets the ports by name."""
+    receiver = {"grpc": {"listen": "0.0.0.0:14317"}, "http": {"listen": ":14318"}}
+    objects = render(chart, {"config": {"receiver": receiver}})
+    ports = container_ports(objects)
     assert ports["grpc"] == 14317
-    service_ports = {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
-    assert service_ports["grpc"]["port"] == 4317
-    assert service_ports["grpc"]["targetPort"] == "grpc"
+    assert ports["otlp-http"] == 14318
+    service = service_ports(objects)
+    assert service["grpc"]["port"] == 4317
+    assert service["grpc"]["targetPort"] == "grpc"
+    assert service["otlp-http"]["port"] == 4318
+    assert service["otlp-http"]["targetPort"] == "otlp-http"
+
+
+def test_empty_http_receiver_listen_turns_the_otlp_http_port_off(
+    chart: helm_python.Chart, tmp_path: Path
+) -> None:
+    """receiver.http.listen "" reaches pathwatch as "" (not the chart's 0.0.0.0:4318), and the
+    container, the Service, the NetworkPolicy and NOTES.txt drop the OTLP/HTTP port."""
+    values = {
+        "config": {"receiver": {"http": {"listen": ""}}},
+        "networkPolicy": {"enabled": True},
+    }
+    objects = render(chart, values)
+    for obj in objects:
+        validate_kubernetes(obj)
+    text = config_text(objects)
+    assert yaml.safe_load(text)["receiver"]["http"] == {"listen": ""}
+    assert container_ports(objects) == {"grpc": 4317, "http": 8080}
+    assert service_ports(objects).keys() == {"grpc", "http"}
+    policy = one(objects, "NetworkPolicy")
+    named = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert named == {"grpc", "http"}
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert "otlphttp" not in notes
+    assert ":4318" not in notes
+    result = check_config(text, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_otlp_http_port_is_https_with_receiver_tls(chart: helm_python.Chart) -> None:
+    """With receiver.http.tls set, the Service's otlp-http appProtocol and the URL NOTES.txt
+    gives are HTTPS; the admin port stays HTTP."""
+    tls = {"cert_file": "/etc/pathwatch-tls/tls.crt", "key_file": "/etc/pathwatch-tls/tls.key"}
+    values = {"config": {"receiver": {"http": {"tls": tls}}}}
+    ports = service_ports(render(chart, values))
+    assert ports["otlp-http"]["appProtocol"] == "https"
+    assert ports["http"]["appProtocol"] == "http"
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert f"https://{FULLNAME}.{NAMESPACE}.svc:4318" in notes
 
 
 def test_image_defaults_to_app_version_and_a_digest_wins(chart: helm_python.Chart) -> None:
@@ -344,13 +396,18 @@ def test_token_protected_probes_are_refused_while_probes_are_on(chart: helm_pyth
 # -- the Service ------------------------------------------------------------------------------
 
 
-def test_service_exposes_grpc_and_http(default: list[Manifest]) -> None:
-    """Port 4317 named grpc with appProtocol grpc, 8080 named http, selecting the pod."""
+def test_service_exposes_otlp_grpc_otlp_http_and_admin_http(default: list[Manifest]) -> None:
+    """Port 4317 named grpc with appProtocol grpc, 4318 named otlp-http with appProtocol http,
+    8080 named http, each targeting the container port of its name, selecting the pod."""
     service = one(default, "Service")
-    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    ports = service_ports(default)
     assert ports["grpc"]["port"] == 4317
     assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["otlp-http"]["port"] == 4318
+    assert ports["otlp-http"]["appProtocol"] == "http"
     assert ports["http"]["port"] == 8080
+    assert {name: p["port"] for name, p in ports.items()} == PORTS
+    assert {p["targetPort"] for p in ports.values()} == container_ports(default).keys()
     pod_labels = one(default, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
@@ -364,7 +421,10 @@ def test_default_config_is_valid_for_pathwatch(default: list[Manifest], tmp_path
     text = config_text(default)
     assert yaml.safe_load(text) == {
         "data_dir": "/var/lib/pathwatch",
-        "receiver": {"grpc": {"listen": "0.0.0.0:4317"}},
+        "receiver": {
+            "grpc": {"listen": "0.0.0.0:4317"},
+            "http": {"listen": "0.0.0.0:4318"},
+        },
         "http": {"listen": "0.0.0.0:8080"},
     }
     result = check_config(text, tmp_path)
@@ -384,6 +444,7 @@ def test_custom_config_merges_over_defaults_and_is_valid(
         "listen": "0.0.0.0:4317",
         "auth": {"bearer_token_env": "PATHWATCH_RECEIVER_TOKEN"},
     }
+    assert config["receiver"]["http"] == {"listen": "0.0.0.0:4318"}
     assert config["http"]["listen"] == "0.0.0.0:8080"
     assert config["sinks"] == CUSTOM["config"]["sinks"]
     assert config["store"]["cache_keys"] == 200000
@@ -429,6 +490,16 @@ def test_notes_warn_about_a_secret_variable_nobody_provides(chart: helm_python.C
     assert "receiver.grpc.auth bearer_token_env names PATHWATCH_RECEIVER_TOKEN" in notes
     assert "sink splunk" not in notes
     assert "WARNING" not in render_files(chart, CUSTOM)["NOTES.txt"]
+    values = {"config": {"receiver": {"http": {"auth": {"bearer_token_env": "OTLP_HTTP_TOKEN"}}}}}
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert "receiver.http.auth bearer_token_env names OTLP_HTTP_TOKEN" in notes
+
+
+def test_notes_give_both_otlp_endpoints(chart: helm_python.Chart) -> None:
+    """NOTES.txt tells collectors where to send: the gRPC address and the OTLP/HTTP URL."""
+    notes = render_files(chart)["NOTES.txt"]
+    assert f"{FULLNAME}.{NAMESPACE}.svc:4317" in notes
+    assert f"http://{FULLNAME}.{NAMESPACE}.svc:4318" in notes
 
 
 def test_checksum_annotation_tracks_the_config(
@@ -490,6 +561,9 @@ def test_without_persistence_the_data_dir_is_ephemeral_and_notes_warn(
         ({"config": {"sink": []}}, "/config"),
         ({"secretEnv": [{"name": "X", "secretName": "s"}]}, "/secretEnv/0"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"service": {"ports": {"otlpHttp": "4318"}}}, "/service/ports/otlpHttp"),
+        ({"service": {"ports": {"otlpHttp": 70000}}}, "/service/ports/otlpHttp"),
+        ({"service": {"ports": {"otlp_http": 4318}}}, "otlp_http"),
         ({"servicemonitor": {"enabled": True}}, "servicemonitor"),
     ],
 )
@@ -508,6 +582,24 @@ def test_schema_accepts_the_defaults_and_a_full_configuration(chart: helm_python
     """The chart's own values and the all-features values validate."""
     chart.validate_schema(None)
     chart.validate_schema(CUSTOM)
+
+
+def test_default_ports_are_pathwatch_default_listen_ports() -> None:
+    """The ports the chart (and the image, and deploy/pathwatch.yaml) expose are the ports of
+    pathwatch's embedded default listen addresses."""
+    config = Config()
+    defaults = {
+        "grpc": listen_port(config.receiver.grpc.listen),
+        "otlp-http": listen_port(config.receiver.http.listen),
+        "http": listen_port(config.http.listen),
+    }
+    assert defaults == PORTS
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    assert values["service"]["ports"] == {
+        "grpc": PORTS["grpc"],
+        "otlpHttp": PORTS["otlp-http"],
+        "http": PORTS["http"],
+    }
 
 
 def test_schema_config_keys_match_pathwatch_config() -> None:
@@ -715,15 +807,17 @@ def test_alerts_fire_on_their_conditions(custom: list[Manifest], tmp_path: Path)
 
 
 def test_network_policy_admits_collectors_and_prometheus_only(custom: list[Manifest]) -> None:
-    """OTLP (grpc) only from the collector agent's pods, admin HTTP only from Prometheus, egress
-    only to DNS and the configured sinks."""
+    """OTLP (grpc and otlp-http) only from the collector agent's pods, admin HTTP only from
+    Prometheus, egress only to DNS and the configured sinks."""
     policy = one(custom, "NetworkPolicy")
     spec = policy["spec"]
     pod_labels = one(custom, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    ingress = {rule["ports"][0]["port"]: rule["from"] for rule in spec["ingress"]}
-    assert ingress.keys() == {"grpc", "http"}
+    ingress = {p["port"]: rule["from"] for rule in spec["ingress"] for p in rule["ports"]}
+    assert ingress.keys() == {"grpc", "otlp-http", "http"}
+    assert ingress["otlp-http"] == ingress["grpc"]
+    assert {p["protocol"] for rule in spec["ingress"] for p in rule["ports"]} == {"TCP"}
     agent = yaml.safe_load_all((DEPLOY / "collector" / "daemonset.yaml").read_text())
     daemonset = next(d for d in agent if d["kind"] == "DaemonSet")
     agent_labels = daemonset["spec"]["template"]["metadata"]["labels"]

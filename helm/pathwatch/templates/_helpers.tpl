@@ -64,15 +64,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/*
 pathwatch's configuration as a dict: .Values.config merged over the defaults the chart's
 volumes and ports rely on. Lists (rules, sinks) in .Values.config replace, never append.
+mergeOverwrite skips empty values, so an explicit receiver.http.listen "" (the OTLP/HTTP
+receiver off) is put back after the merge.
 */}}
 {{- define "pathwatch.configDict" -}}
+{{- $user := .Values.config | default dict -}}
 {{- $defaults := dict
   "data_dir" "/var/lib/pathwatch"
-  "receiver" (dict "grpc" (dict "listen" "0.0.0.0:4317"))
+  "receiver" (dict "grpc" (dict "listen" "0.0.0.0:4317") "http" (dict "listen" "0.0.0.0:4318"))
   "http" (dict "listen" "0.0.0.0:8080")
 -}}
-{{- $config := mergeOverwrite $defaults (deepCopy (.Values.config | default dict)) -}}
+{{- $config := mergeOverwrite $defaults (deepCopy $user) -}}
+{{- $httpReceiver := dig "receiver" "http" dict $user -}}
+{{- if and (hasKey $httpReceiver "listen") (not $httpReceiver.listen) -}}
+{{- $_ := set $config.receiver.http "listen" "" -}}
+{{- end -}}
 {{- toJson $config -}}
+{{- end }}
+
+{{/*
+"true" when the OTLP/HTTP receiver is on (config receiver.http.listen not empty), "" otherwise.
+*/}}
+{{- define "pathwatch.otlpHttp" -}}
+{{- $config := include "pathwatch.configDict" . | fromJson -}}
+{{- if $config.receiver.http.listen -}}true{{- end -}}
 {{- end }}
 
 {{/*
@@ -110,7 +125,7 @@ Label matchers that pick this release's series in the PrometheusRule expressions
 
 {{/*
 Names of the environment variables the config reads secrets from (sinks' secret_env and
-token_env, the receiver's and the admin API's bearer_token_env), as "where=NAME" lines.
+token_env, the receivers' and the admin API's bearer_token_env), as "where=NAME" lines.
 */}}
 {{- define "pathwatch.secretEnvRefs" -}}
 {{- $config := include "pathwatch.configDict" . | fromJson -}}
@@ -123,6 +138,9 @@ sink {{ $sink.name }} {{ $field }}={{ . }}
 {{- end }}
 {{- with (dig "receiver" "grpc" "auth" "bearer_token_env" "" $config) }}
 receiver.grpc.auth bearer_token_env={{ . }}
+{{- end }}
+{{- with (dig "receiver" "http" "auth" "bearer_token_env" "" $config) }}
+receiver.http.auth bearer_token_env={{ . }}
 {{- end }}
 {{- with (dig "http" "auth" "bearer_token_env" "" $config) }}
 http.auth bearer_token_env={{ . }}
