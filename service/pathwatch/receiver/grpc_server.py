@@ -25,6 +25,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.config.model import GrpcReceiverConfig
+from pathwatch.receiver._accounting import count_decoded
 from pathwatch.receiver.decode import Decoder, DecodeResult, InvalidRequest, TimeBounds
 from pathwatch.store.writer import Backpressure, IngestWriter
 from pathwatch.telemetry.metrics import Metrics
@@ -202,7 +203,7 @@ class OtlpGrpcReceiver:
             metrics.export_requests.labels(outcome="unavailable").inc()
             reason = ticket.error or "durable write did not finish in time"
             context.abort_with_status(_retry_status(f"pathwatch store unavailable: {reason}"))
-        self._count(result)
+        count_decoded(self._metrics, result)
         response = ExportMetricsServiceResponse()
         if result.points_rejected:
             response.partial_success.rejected_data_points = result.points_rejected
@@ -211,13 +212,3 @@ class OtlpGrpcReceiver:
         else:
             metrics.export_requests.labels(outcome="ok").inc()
         return response
-
-    def _count(self, result: DecodeResult) -> None:
-        m = self._metrics
-        m.resources.labels(outcome="tracked").inc(result.resources_tracked)
-        m.resources.labels(outcome="untracked").inc(result.resources_untracked)
-        m.resources.labels(outcome="ignored").inc(result.resources_ignored)
-        m.data_points.labels(outcome="accepted").inc(result.points_accepted)
-        m.data_points.labels(outcome="too_old").inc(result.points_too_old)
-        m.data_points.labels(outcome="too_far_in_future").inc(result.points_future)
-        m.data_points.labels(outcome="key_too_long").inc(result.points_key_too_long)

@@ -47,7 +47,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.config.model import HttpReceiverConfig
-from pathwatch.receiver.decode import Decoder, DecodeResult, InvalidRequest, TimeBounds
+from pathwatch.receiver._accounting import count_decoded
+from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds
 from pathwatch.receiver.grpc_server import rejection_message
 from pathwatch.store.writer import Backpressure, IngestWriter
 from pathwatch.telemetry.metrics import Metrics
@@ -98,18 +99,6 @@ class _Reject(Exception):
         self.outcome = outcome
         self.retry_after = retry_after
         self.bad_request = bad_request
-
-
-def _count(metrics: Metrics, result: DecodeResult) -> None:
-    """The same accounting as the gRPC receiver's, so both transports add up in one series."""
-    m = metrics
-    m.resources.labels(outcome="tracked").inc(result.resources_tracked)
-    m.resources.labels(outcome="untracked").inc(result.resources_untracked)
-    m.resources.labels(outcome="ignored").inc(result.resources_ignored)
-    m.data_points.labels(outcome="accepted").inc(result.points_accepted)
-    m.data_points.labels(outcome="too_old").inc(result.points_too_old)
-    m.data_points.labels(outcome="too_far_in_future").inc(result.points_future)
-    m.data_points.labels(outcome="key_too_long").inc(result.points_key_too_long)
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -451,7 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "unavailable",
                 retry_after=_RETRY_AFTER_S,
             )
-        _count(metrics, result)
+        count_decoded(metrics, result)
         response = ExportMetricsServiceResponse()
         if result.points_rejected:
             response.partial_success.rejected_data_points = result.points_rejected
