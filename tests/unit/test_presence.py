@@ -133,3 +133,11 @@ def test_empty_history_observes_nothing() -> None:
     assert empty.first_minute is None and empty.last_minute is None
     assert empty.with_minutes([]) == empty
     assert empty.trimmed(0, 4) == empty
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.integers(0, 40), max_size=30), st.lists(st.integers(0, 40), max_size=6))
+def test_contains_all_matches_the_set_model(stored: list[int], asked: list[int]) -> None:
+    """contains_all is true exactly when every asked minute is in the stored set."""
+    history = PresenceHistory.of_minutes(stored)
+    assert history.contains_all(asked) == set(asked).issubset(stored)

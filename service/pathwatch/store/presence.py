@@ -47,7 +47,15 @@ class PresenceHistory:
 
     def contains_all(self, minutes: Iterable[int]) -> bool:
         """True when every one of `minutes` is already recorded (a write would change nothing)."""
-        return all(self.observed(m, m + 1) for m in minutes)
+        runs = self.runs
+        if not runs:
+            return not any(True for _ in minutes)
+        # Hot path of ingest: a running process's scrape falls in its latest run.
+        last_start, last_end = runs[-1]
+        for m in minutes:
+            if not last_start <= m < last_end and not self.observed(m, m + 1):
+                return False
+        return True
 
     def observed(self, start: int, end: int) -> bool:
         """Was the key observed in any minute of ``[start, end)``?"""
