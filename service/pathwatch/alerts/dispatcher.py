@@ -297,12 +297,6 @@ class Dispatcher:
         for w in self.workers:
             w.notify(full)
 
-    def depth(self, sink: str) -> int:
-        for w in self.workers:
-            if w.name == sink:
-                return w.status().depth
-        return 0
-
     def statuses(self) -> list[SinkStatus]:
         return [w.status() for w in self.workers]
 

@@ -274,7 +274,7 @@ class FirstSeenStore:
         count_key = ks.meta_key(f"keys:{rule}")
         remaining = self.key_count(rule)
         for raw, _ in self._db.scan(lower, upper, values=False):
-            day, encoded = split_indexed(prefix_len, raw)
+            day, encoded = ks.split_indexed(prefix_len, raw)
             wb.delete(raw)
             rkey = ks.record_prefix(rule) + encoded
             value = self._db.get(rkey)
@@ -334,7 +334,7 @@ class FirstSeenStore:
         for raw, value in self._db.scan(
             ks.activity_bound(rule, first_hour), ks.activity_bound(rule, last_hour + 1)
         ):
-            _, encoded = split_indexed(prefix_len, raw)
+            _, encoded = ks.split_indexed(prefix_len, raw)
             if encoded in seen:
                 continue
             seen.add(encoded)
@@ -366,6 +366,3 @@ class FirstSeenStore:
 
     def count_keys(self, rule: str) -> int:
         return sum(1 for _ in self._db.scan_prefix(ks.record_prefix(rule), values=False))
-
-
-split_indexed = ks.split_indexed

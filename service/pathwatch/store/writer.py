@@ -197,12 +197,6 @@ class IngestWriter:
             if deleted:
                 log.info("expired keys", rule=rule, keys=deleted)
 
-    def expire_now(self) -> None:
-        """Run the expiry sweep on the writer thread at its next turn (tests, admin)."""
-        with self._cond:
-            self._next_expiry = 0.0
-            self._cond.notify()
-
     def shutdown(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop. Safe before start and twice."""
         with self._cond:
