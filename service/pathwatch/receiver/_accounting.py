@@ -1,8 +1,11 @@
-"""The ingest accounting both receivers share, so gRPC and HTTP add up in the same series."""
+"""Ingest steps both receivers share: the durable write and the accounting, so gRPC and HTTP
+behave alike and add up in the same series."""
 
 from __future__ import annotations
 
+from pathwatch.observations import ObservationBatch
 from pathwatch.receiver.decode import DecodeResult
+from pathwatch.store.writer import Backpressure, IngestWriter
 from pathwatch.telemetry.metrics import Metrics
 
 
@@ -15,3 +18,21 @@ def count_decoded(metrics: Metrics, result: DecodeResult) -> None:
     m.data_points.labels(outcome="too_old").inc(result.points_too_old)
     m.data_points.labels(outcome="too_far_in_future").inc(result.points_future)
     m.data_points.labels(outcome="key_too_long").inc(result.points_key_too_long)
+
+
+def write_durably(
+    writer: IngestWriter, batch: ObservationBatch, timeout: float
+) -> tuple[bool, str]:
+    """Submit `batch` and wait up to `timeout` s for it to be durable.
+
+    Returns (overloaded, problem): problem is "" on success; overloaded is True when the write
+    queue refused the batch (both cases are retryable for the sender).
+    """
+    try:
+        ticket = writer.submit(batch)
+    except Backpressure as exc:
+        return True, f"pathwatch is overloaded: {exc}"
+    if not ticket.wait(max(0.0, timeout)) or ticket.error is not None:
+        reason = ticket.error or "durable write did not finish in time"
+        return False, f"pathwatch store unavailable: {reason}"
+    return False, ""

@@ -25,9 +25,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.config.model import GrpcReceiverConfig
-from pathwatch.receiver._accounting import count_decoded
+from pathwatch.receiver._accounting import count_decoded, write_durably
 from pathwatch.receiver.decode import Decoder, DecodeResult, InvalidRequest, TimeBounds
-from pathwatch.store.writer import Backpressure, IngestWriter
+from pathwatch.store.writer import IngestWriter
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="receiver")
@@ -188,21 +188,16 @@ class OtlpGrpcReceiver:
         except InvalidRequest as exc:
             metrics.export_requests.labels(outcome="invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            ticket = self._writer.submit(result.batch)
-        except Backpressure as exc:
-            metrics.export_requests.labels(outcome="unavailable").inc()
-            context.abort_with_status(_retry_status(f"pathwatch is overloaded: {exc}"))
         remaining = context.time_remaining()
         wait = (
             self._config.ack_timeout
             if remaining is None
             else min(self._config.ack_timeout, remaining)
         )
-        if not ticket.wait(max(0.0, wait)) or ticket.error is not None:
+        _, problem = write_durably(self._writer, result.batch, wait)
+        if problem:
             metrics.export_requests.labels(outcome="unavailable").inc()
-            reason = ticket.error or "durable write did not finish in time"
-            context.abort_with_status(_retry_status(f"pathwatch store unavailable: {reason}"))
+            context.abort_with_status(_retry_status(problem))
         count_decoded(self._metrics, result)
         response = ExportMetricsServiceResponse()
         if result.points_rejected:

@@ -47,10 +47,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.config.model import HttpReceiverConfig
-from pathwatch.receiver._accounting import count_decoded
+from pathwatch.receiver._accounting import count_decoded, write_durably
 from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds
 from pathwatch.receiver.grpc_server import rejection_message
-from pathwatch.store.writer import Backpressure, IngestWriter
+from pathwatch.store.writer import IngestWriter
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="receiver")
@@ -426,20 +426,12 @@ class _Handler(BaseHTTPRequestHandler):
             result = receiver._decoder.decode(raw, bounds)
         except InvalidRequest as exc:
             raise _Reject(400, str(exc), bad_request=True) from None
-        try:
-            ticket = receiver._writer.submit(result.batch)
-        except Backpressure as exc:
-            raise _Reject(
-                429, f"pathwatch is overloaded: {exc}", "unavailable", retry_after=_RETRY_AFTER_S
-            ) from None
-        if not ticket.wait(max(0.0, float(config.ack_timeout))) or ticket.error is not None:
-            reason = ticket.error or "durable write did not finish in time"
-            raise _Reject(
-                503,
-                f"pathwatch store unavailable: {reason}",
-                "unavailable",
-                retry_after=_RETRY_AFTER_S,
-            )
+        overloaded, problem = write_durably(
+            receiver._writer, result.batch, float(config.ack_timeout)
+        )
+        if problem:
+            status = 429 if overloaded else 503
+            raise _Reject(status, problem, "unavailable", retry_after=_RETRY_AFTER_S)
         count_decoded(metrics, result)
         response = ExportMetricsServiceResponse()
         if result.points_rejected:
