@@ -25,7 +25,14 @@ SETTINGS = settings(derandomize=True, database=None, deadline=None, max_examples
 MORE = settings(SETTINGS, max_examples=100)
 
 RULE = dataclasses.replace(PARITY_RULE, window_minutes=60, baseline_minutes=180)
-RETENTION = {RULE.id: Retention(horizon_minutes=RULE.horizon_minutes)}
+RETENTION = {
+    RULE.id: Retention(
+        horizon_minutes=RULE.horizon_minutes,
+        window_minutes=RULE.window_minutes,
+        baseline_minutes=RULE.baseline_minutes,
+        onset_gap_minutes=RULE.baseline_minutes - RULE.window_minutes,
+    )
+}
 OTHER_RULE = "not_configured"  # observations for a rule without retention are not stored
 
 HOUR0 = 1_700_000_000_000 - 1_700_000_000_000 % HOUR_MS
@@ -47,7 +54,9 @@ KEYS: list[KeyTuple] = [
 def open_store(path: str, cache_keys: int = 100_000) -> Iterator[tuple[Database, FirstSeenStore]]:
     db = Database(path, DatabaseOptions(fsync=False))
     try:
-        yield db, FirstSeenStore(db, cache_keys=cache_keys)
+        store = FirstSeenStore(db, cache_keys=cache_keys)
+        store.prepare_onsets(RULE.id, RETENTION[RULE.id].onset_gap_minutes, NOW // MINUTE_MS)
+        yield db, store
     finally:
         db.close()
 
@@ -121,6 +130,14 @@ def check_state(store: FirstSeenStore, model: dict[KeyTuple, KeyState]) -> None:
         expected = {k for k, s in model.items() if s.history.observed(lo, hi)}
         assert set(listed) == expected, (tick, listed)
         assert findings(evaluate(RULE, tick, store)) == findings(evaluate(RULE, tick, reader))
+        # The onset index names every key the activity index would report, and fewer keys.
+        onsets = store.new_candidates(
+            RULE.id, start_min, end_min, RULE.baseline_minutes - RULE.window_minutes
+        )
+        assert onsets is not None
+        named = {k for k, _ in onsets}
+        in_window = {k for k, s in model.items() if s.history.observed(start_min, end_min)}
+        assert {f.key for f in evaluate(RULE, tick, reader).findings} <= named <= in_window
 
 
 def test_small_cache_does_not_lose_history(tmp_path: Path) -> None:
@@ -245,3 +262,40 @@ def test_expired_key_seen_again_starts_fresh(tmp_path: Path) -> None:
         state = store.get(RULE.id, KEYS[0])
         assert state is not None and state.first_seen_ms == EXP_NOW
         assert state.history == PresenceHistory.of_minutes([EXP_NOW // MINUTE_MS])
+
+
+def test_onset_index_answers_only_where_it_is_complete(tmp_path: Path) -> None:
+    """A store that has keys from before the onset index existed (or with another gap) answers
+    from the activity index until the window starts where the onset index is complete."""
+    gap = RULE.baseline_minutes - RULE.window_minutes
+    now_min = NOW // MINUTE_MS
+    db = Database(str(tmp_path / "db"), DatabaseOptions(fsync=False))
+    try:
+        store = FirstSeenStore(db)
+        legacy = {RULE.id: dataclasses.replace(RETENTION[RULE.id], onset_gap_minutes=0)}
+        store.apply(to_batch([(0, NOW - 10 * MINUTE_MS)]), legacy, NOW)  # no onset written
+        coverage = store.prepare_onsets(RULE.id, gap, now_min + 6)
+        assert (coverage.gap_minutes, coverage.from_minute) == (gap, now_min + 6)
+        assert store.new_candidates(RULE.id, now_min - 60, now_min, gap) is None
+        # ... and evaluation still finds the key, through the activity index.
+        tick = (now_min + 1) * MINUTE_MS
+        assert [f.key for f in evaluate(RULE, tick, store).findings] == [KEYS[0]]
+        # From the complete minute on, the onset index answers.
+        assert list(store.new_candidates(RULE.id, now_min + 6, now_min + 66, gap) or ()) == []
+        # Asking with a shorter gap than the index keeps cannot be answered.
+        assert store.new_candidates(RULE.id, now_min + 6, now_min + 66, gap - 1) is None
+        # Preparing again with the same gap keeps the coverage; another gap restarts it.
+        assert store.prepare_onsets(RULE.id, gap, now_min + 99) == coverage
+        assert store.prepare_onsets(RULE.id, gap - 5, now_min + 99).from_minute == now_min + 99
+    finally:
+        db.close()
+
+
+def test_onset_index_of_a_new_store_is_complete_from_the_start(tmp_path: Path) -> None:
+    with open_store(str(tmp_path / "db")) as (_db, store):
+        coverage = store.onset_coverage(RULE.id)
+        assert coverage is not None and coverage.from_minute == 0
+        store.apply(to_batch([(1, NOW - 5 * MINUTE_MS)]), RETENTION, NOW)
+        now_min = NOW // MINUTE_MS
+        named = store.new_candidates(RULE.id, now_min - 60, now_min + 1, 120)
+        assert [k for k, _ in named or ()] == [KEYS[1]]

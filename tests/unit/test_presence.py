@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pathwatch.store.presence import PresenceHistory
+from pathwatch.store.presence import PresenceHistory, new_onsets
 
 SETTINGS = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 
@@ -141,3 +141,36 @@ def test_contains_all_matches_the_set_model(stored: list[int], asked: list[int])
     """contains_all is true exactly when every asked minute is in the stored set."""
     history = PresenceHistory.of_minutes(stored)
     assert history.contains_all(asked) == set(asked).issubset(stored)
+
+
+def onsets_model(model: set[int], min_gap: int, floor: int) -> set[int]:
+    """Starts of runs (minute m observed, m - 1 not) whose previous observation is at least
+    `min_gap` minutes before the start's run began, or absent."""
+    out = set()
+    for m in model:
+        if m - 1 in model or m < floor:
+            continue
+        earlier = [x for x in model if x < m]
+        if not earlier or m - (max(earlier) + 1) >= min_gap:
+            out.add(m)
+    return out
+
+
+@SETTINGS
+@given(batches, st.integers(1, 12), st.integers(LO, HI))
+@example([[5], [20], [10]], 6, 0)  # the later run's onset stays listed though now stale
+@example([[10, 11], [9]], 3, 0)  # a run extended backwards gets a new onset
+def test_new_onsets_over_writes_cover_every_onset_of_the_final_history(
+    parts: list[list[int]], min_gap: int, floor: int
+) -> None:
+    """Whatever order minutes arrive in, the onsets returned by the writes include every onset
+    of the final history (a superset), and every listed onset was an onset when written."""
+    history = PresenceHistory()
+    listed: set[int] = set()
+    for part in parts:
+        new = history.with_minutes(part)
+        got = new_onsets(history, new, min_gap, floor)
+        assert set(got) <= onsets_model(as_set(new), min_gap, floor)
+        listed.update(got)
+        history = new
+    assert onsets_model(as_set(history), min_gap, floor) <= listed

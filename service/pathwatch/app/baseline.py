@@ -45,7 +45,7 @@ from pathwatch.store.codec import (
     encode_state,
 )
 from pathwatch.store.db import Batch, Database
-from pathwatch.store.firstseen import MINUTES_PER_DAY, MINUTES_PER_HOUR, Retention
+from pathwatch.store.firstseen import MINUTES_PER_DAY, MINUTES_PER_HOUR, Retention, index_writes
 from pathwatch.store.presence import PresenceHistory, Run
 
 MAGIC = b"PATHWATCH-BASELINE "
@@ -181,7 +181,6 @@ class _Merger:
         rkeys = [ks.record_key(rule, encoded) for rule, encoded, _ in self._keys]
         stored = dict(zip(rkeys, self._db.get_many(rkeys), strict=True))
         written: dict[bytes, KeyState] = {}  # a key twice in one chunk sees its first merge
-        day_ms = MINUTES_PER_DAY * MINUTE_MS
         for (rule, encoded, imported), rkey in zip(self._keys, rkeys, strict=True):
             retention = self._retention[rule]
             old = written.get(rkey)
@@ -197,9 +196,7 @@ class _Merger:
             for hour in _new_hours(imported, old, retention, self._now_ms):
                 # As apply: the value is first_seen at write time, a real observation.
                 wb.put(ks.activity_key(rule, hour, encoded), ks.u64(state.first_seen_ms))
-            last_day = state.last_seen_ms // day_ms
-            if old is None or old.last_seen_ms // day_ms != last_day:
-                wb.put(ks.expiry_key(rule, last_day, encoded), b"")
+            index_writes(wb, rule, encoded, old, state, retention, self._now_ms // MINUTE_MS)
             if old is None:
                 created[rule] = created.get(rule, 0) + 1
             written[rkey] = state

@@ -52,6 +52,7 @@ def retention_of(rule: Rule, max_runs: int) -> Retention:
         stream=rule.mode == "stream",
         window_minutes=rule.window_minutes,
         baseline_minutes=rule.baseline_minutes,
+        onset_gap_minutes=max(0, rule.baseline_minutes - rule.window_minutes),
     )
 
 
@@ -145,8 +146,16 @@ class Service:
                 if CLUSTER_FIELD in r.key_fields
             },
         )
+        # No write before now + the accepted clock skew can have covered a later minute, so
+        # an onset index (re)started now is complete from there on.
+        complete_from = (
+            self.clock.now_ms() + int(cfg.receiver.max_future_skew * 1000)
+        ) // MINUTE_MS + 1
         for rule in self.enabled_rules:
             self.firstseen.set_context_fields(rule.id, rule.key_fields)
+            gap = self._retention[rule.id].onset_gap_minutes
+            if gap > 0:
+                self.firstseen.prepare_onsets(rule.id, gap, complete_from)
         self.alerts = AlertStore(self.db)
         first = self.alerts.get_meta("first_start_ms")
         if first is None:

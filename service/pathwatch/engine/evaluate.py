@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from pathwatch.clock import MINUTE_MS
 from pathwatch.observations import KeyTuple
@@ -45,7 +45,7 @@ class Evaluation:
 def evaluate(rule: Rule, tick_ms: int, reader: PresenceReader) -> Evaluation:
     """Findings of `rule` at `tick_ms` (must be minute-aligned), in key order.
 
-    Reads only keys the activity index lists for the window: the cost follows active keys.
+    Reads only the keys the store's indexes name for the window (see _candidates).
     """
     if tick_ms % MINUTE_MS:
         raise ValueError("evaluation time must be a whole minute")
@@ -53,15 +53,7 @@ def evaluate(rule: Rule, tick_ms: int, reader: PresenceReader) -> Evaluation:
     window_start = tick - rule.window_minutes
     baseline_start = tick - rule.baseline_minutes
     out = Evaluation()
-    # A key first seen inside the baseline was observed in the baseline: it cannot be new.
-    # Readers that can filter on that before decoding (the RocksDB store) are asked to.
-    narrow = getattr(reader, "active_except_first_seen", None)
-    candidates = (
-        narrow(rule.id, window_start, tick, baseline_start, window_start)
-        if narrow is not None
-        else reader.active(rule.id, window_start, tick)
-    )
-    for key, state in candidates:
+    for key, state in _candidates(rule, reader, window_start, tick, baseline_start):
         out.candidates += 1
         history = state.history
         first = history.first_in(window_start, tick)
@@ -73,3 +65,28 @@ def evaluate(rule: Rule, tick_ms: int, reader: PresenceReader) -> Evaluation:
         out.findings.append(Finding(rule, tick_ms, key, state, first))
     out.findings.sort(key=lambda f: f.key)
     return out
+
+
+def _candidates(
+    rule: Rule, reader: PresenceReader, window_start: int, tick: int, baseline_start: int
+) -> Iterator[tuple[KeyTuple, KeyState]]:
+    """The keys to check, as few as the reader can name.
+
+    A new key's first minute in the window starts a run that follows the previous run by at
+    least baseline - window minutes (nothing in the baseline), so a reader with an onset index
+    (the RocksDB store) names just those: the cost follows the new keys. Otherwise, keys active
+    in the window, leaving out those first seen in the baseline where the reader can.
+    """
+    onsets = getattr(reader, "new_candidates", None)
+    if onsets is not None:
+        found = onsets(rule.id, window_start, tick, window_start - baseline_start)
+        if found is not None:
+            return cast("Iterator[tuple[KeyTuple, KeyState]]", found)
+    narrow = getattr(reader, "active_except_first_seen", None)
+    if narrow is not None:
+        # A key first seen inside the baseline was observed in the baseline: it cannot be new.
+        return cast(
+            "Iterator[tuple[KeyTuple, KeyState]]",
+            narrow(rule.id, window_start, tick, baseline_start, window_start),
+        )
+    return reader.active(rule.id, window_start, tick)

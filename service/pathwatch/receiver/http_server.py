@@ -65,6 +65,7 @@ _RETRY_AFTER_S = 1
 _IDLE_TIMEOUT_S = 5.0  # a keep-alive connection waiting for its next request holds a slot
 _IO_TIMEOUT_S = 30.0  # longest stall while a body is read or a response written
 _HANDSHAKE_TIMEOUT_S = 10.0
+_CHUNKED_DRAIN_BYTES = 1 << 20  # at most this much of a refused chunked body is drained
 _LINGER_S = 2.0  # after answering early, drain the unread body this long so the client sees it
 _SPARE_THREADS = 4  # past every slot, threads that only answer 503
 _RPC_CODES = {
@@ -346,7 +347,10 @@ class _Handler(BaseHTTPRequestHandler):
         """The declared body length (None when absent, -1 when malformed); remembers what is
         unread so that an early answer can drain it."""
         if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # chunked bodies are refused (411) and not drained
+            # Chunked bodies are refused (411); what the client is still sending is drained
+            # (bounded in time and size) so it reads the answer, not a reset.
+            self.close_connection = True
+            self._unread = _CHUNKED_DRAIN_BYTES
             return None
         raw = self.headers.get("Content-Length")
         if raw is None:

@@ -2,6 +2,9 @@
 
 - the activity index (``A``) lists, per hour, the keys observed in that hour: evaluation reads only
   the hours its window touches, so its cost follows the active keys, not the stored ones;
+- the onset index (``G``) lists, per minute, the keys whose presence starts a run there after a
+  gap of at least the rule's baseline minus its window (or starts their history): only such a
+  key can be new at a tick, so evaluation reads the window's onsets, not its active keys;
 - the expiry index (``E``) lists, per day, the keys whose last observation fell on that day: the
   expiry sweep reads only days past the retention horizon.
 
@@ -28,7 +31,7 @@ from pathwatch.store.codec import (
 from pathwatch.store.context import ContextIndex
 from pathwatch.store.db import Batch, Database
 from pathwatch.store.guard import LimitHit, NewKeyGuard
-from pathwatch.store.presence import PresenceHistory
+from pathwatch.store.presence import PresenceHistory, new_onsets
 
 MINUTES_PER_HOUR = 60
 MINUTES_PER_DAY = 1440
@@ -46,6 +49,38 @@ class Retention:
     stream: bool = False
     window_minutes: int = 60
     baseline_minutes: int = 30 * MINUTES_PER_DAY
+    # Onset index: runs starting at least this long after the previous run's end are listed
+    # (baseline - window for a rule; 0: no onset index).
+    onset_gap_minutes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OnsetCoverage:
+    """The onset index of a rule lists every onset of at least `gap_minutes` at or after
+    `from_minute` (written since the gap was configured)."""
+
+    gap_minutes: int
+    from_minute: int
+
+
+def index_writes(
+    wb: Batch,
+    rule: str,
+    encoded_key: bytes,
+    old: KeyState | None,
+    state: KeyState,
+    retention: Retention,
+    now_min: int,
+) -> None:
+    """The onset and expiry index entries for a record rewritten from `old` to `state`."""
+    if retention.onset_gap_minutes > 0:
+        floor = now_min - retention.index_minutes
+        old_hist = old.history if old is not None else PresenceHistory()
+        for minute in new_onsets(old_hist, state.history, retention.onset_gap_minutes, floor):
+            wb.put(ks.onset_key(rule, minute, encoded_key), b"")
+    last_day = state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS)
+    if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
+        wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,9 +209,7 @@ class FirstSeenStore:
                     # The value is first_seen at write time: a real observation, so a key
                     # whose value lies in a baseline was observed there (see active_except...).
                     wb.put(ks.activity_key(rule, hour, encoded_key), ks.u64(first_ms))
-            last_day = last_ms // (MINUTES_PER_DAY * MINUTE_MS)
-            if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
-                wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
+            index_writes(wb, rule, encoded_key, old, state, ret, now_min)
             staged.append((rule_key, rkey, state))
             if ret.stream:
                 fresh = [m for m in minutes if not old_hist.observed(m, m + 1)]
@@ -296,7 +329,37 @@ class FirstSeenStore:
         self._counts[rule] = remaining
         index_floor = (now_min - retention.index_minutes) // MINUTES_PER_HOUR
         self._db.delete_range(ks.activity_bound(rule, 0), ks.activity_bound(rule, index_floor))
+        self._db.delete_range(
+            ks.onset_bound(rule, 0), ks.onset_bound(rule, index_floor * MINUTES_PER_HOUR)
+        )
         return deleted
+
+    # -- the onset index's coverage ----------------------------------------------------------
+
+    def onset_coverage(self, rule: str) -> OnsetCoverage | None:
+        raw = self._db.get(ks.meta_key(f"onsets:{rule}"))
+        if raw is None:
+            return None
+        gap, start = raw.decode().split()
+        return OnsetCoverage(int(gap), int(start))
+
+    def prepare_onsets(self, rule: str, gap_minutes: int, from_minute: int) -> OnsetCoverage:
+        """Record that the onset index of `rule` is kept with `gap_minutes` from now on.
+
+        When it already was (same gap), nothing changes. Otherwise onsets are complete only for
+        minutes that no earlier write can have covered: `from_minute` (the caller passes now plus
+        the accepted clock skew), or every minute when the rule has no stored key yet (a new
+        data dir). Until a window starts at `from_minute`, evaluation uses the activity index.
+        """
+        known = self.onset_coverage(rule)
+        if known is not None and known.gap_minutes == gap_minutes:
+            return known
+        start = 0 if self.count_keys_bounded(rule, 1) == 0 else from_minute
+        coverage = OnsetCoverage(gap_minutes, start)
+        wb = Batch()
+        wb.put(ks.meta_key(f"onsets:{rule}"), f"{gap_minutes} {start}".encode())
+        self._db.commit(wb)
+        return coverage
 
     # -- reads (any thread) ----------------------------------------------------------------
 
@@ -358,6 +421,41 @@ class FirstSeenStore:
                 continue
             yield decode_key(enc), decode_state(raw)
 
+    def new_candidates(
+        self, rule: str, start_min: int, end_min: int, gap_minutes: int
+    ) -> Iterator[tuple[KeyTuple, KeyState]] | None:
+        """Keys with an onset in ``[start_min, end_min)`` of at least `gap_minutes`: every key
+        whose earliest observation in ``[start_min - gap_minutes, end_min)`` lies in
+        ``[start_min, end_min)`` is among them (callers check the history). None when the onset
+        index cannot answer (kept with a longer gap, or not yet complete for that range)."""
+        coverage = self.onset_coverage(rule)
+        if (
+            coverage is None
+            or gap_minutes <= 0
+            or coverage.gap_minutes > gap_minutes
+            or start_min < coverage.from_minute
+        ):
+            return None
+        return self._onsets(rule, start_min, end_min)
+
+    def _onsets(
+        self, rule: str, start_min: int, end_min: int
+    ) -> Iterator[tuple[KeyTuple, KeyState]]:
+        prefix_len = len(ks.onset_bound(rule, 0)) - 4
+        seen: set[bytes] = set()
+        chunk: list[bytes] = []
+        for raw, _ in self._db.scan(
+            ks.onset_bound(rule, start_min), ks.onset_bound(rule, end_min), values=False
+        ):
+            _, encoded = ks.split_indexed(prefix_len, raw)
+            if encoded not in seen:
+                seen.add(encoded)
+                chunk.append(encoded)
+            if len(chunk) >= 1024:
+                yield from self._load(rule, chunk, (0, 0))
+                chunk = []
+        yield from self._load(rule, chunk, (0, 0))
+
     def scan(self, rule: str) -> Iterator[tuple[KeyTuple, KeyState]]:
         """Every stored key of `rule` (a full scan: for `inspect`, never for evaluation)."""
         prefix = ks.record_prefix(rule)
@@ -366,3 +464,12 @@ class FirstSeenStore:
 
     def count_keys(self, rule: str) -> int:
         return sum(1 for _ in self._db.scan_prefix(ks.record_prefix(rule), values=False))
+
+    def count_keys_bounded(self, rule: str, limit: int) -> int:
+        """Stored keys of `rule`, counting no further than `limit`."""
+        n = 0
+        for _ in self._db.scan_prefix(ks.record_prefix(rule), values=False):
+            n += 1
+            if n >= limit:
+                break
+        return n

@@ -3,6 +3,8 @@
 - ``R rule 0x00 key`` -> key record (codec.py)
 - ``A rule 0x00 hour:u32be key`` -> empty: key active in that hour (activity index)
 - ``E rule 0x00 day:u32be key`` -> empty: key last seen on that day (expiry index)
+- ``G rule 0x00 minute:u32be key`` -> empty: a run of the key starts there after a long gap
+  (onset index)
 - ``T rule 0x00 tick-minute:u32be`` -> tick record, JSON
 - ``L time-ms:u64be alert-id`` -> risk event, JSON (the alert log)
 - ``O sink 0x00 seq:u64be`` -> delivery record, JSON (the outbox)
@@ -52,8 +54,16 @@ def expiry_bound(rule: str, day: int) -> bytes:
     return _scoped(b"E", rule) + _U32.pack(day)
 
 
+def onset_key(rule: str, minute: int, key: bytes) -> bytes:
+    return _scoped(b"G", rule) + _U32.pack(minute) + key
+
+
+def onset_bound(rule: str, minute: int) -> bytes:
+    return _scoped(b"G", rule) + _U32.pack(max(0, minute))
+
+
 def split_indexed(prefix_len: int, raw: bytes) -> tuple[int, bytes]:
-    """Split an ``A`` or ``E`` key into (bucket, encoded key tuple)."""
+    """Split an ``A``, ``E`` or ``G`` key into (bucket, encoded key tuple)."""
     (bucket,) = _U32.unpack_from(raw, prefix_len)
     return bucket, raw[prefix_len + 4 :]
 

@@ -98,6 +98,34 @@ class PresenceHistory:
 _INF = 1 << 62
 
 
+def new_onsets(old: PresenceHistory, new: PresenceHistory, min_gap: int, floor: int) -> list[int]:
+    """Onsets that `new` has and `old` had not: starts of runs at or after `floor` that begin
+    the history or follow the previous run's end by at least `min_gap` minutes.
+
+    `new` must contain `old` (observations are only added). A start that was already a start
+    in `old` is left out: its onset was decided when it was written, and later additions can
+    only shorten the gap before it. So the onsets returned over a key's writes include every
+    onset of its final history (the onset index is a superset; evaluation re-checks).
+    """
+    runs = new.runs
+    if not runs or (
+        len(runs) == len(old.runs) and runs[-1][0] == old.runs[-1][0] and runs[:-1] == old.runs[:-1]
+    ):
+        return []  # hot path: only the latest run grew, at its end; no run start moved
+    old_starts = {s for s, _ in old.runs}
+    out: list[int] = []
+    prev_end: int | None = None
+    for start, end in runs:
+        if (
+            start >= floor
+            and start not in old_starts
+            and (prev_end is None or start - prev_end >= min_gap)
+        ):
+            out.append(start)
+        prev_end = end
+    return out
+
+
 def _merge(a: Iterable[Run], b: Iterable[Run]) -> tuple[Run, ...]:
     out: list[Run] = []
     for s, e in sorted([*a, *b]):
