@@ -13,7 +13,7 @@ from pathwatch.alerts.event import rfc3339
 from pathwatch.clock import MINUTE_MS
 from pathwatch.engine.evaluate import Finding
 from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD, PATH_FIELD
-from pathwatch.store.context import ContextIndex
+from pathwatch.store.context import ContextIndex, ContextMemo
 
 NAME_FIELD = "process.executable.name"
 
@@ -25,9 +25,7 @@ class Explainer:
         self._index = index
         self._entities = entity_first_seen
 
-    def explain(
-        self, finding: Finding, memo: dict[bytes, list[tuple[list[str], int]]] | None = None
-    ) -> dict[str, Any]:
+    def explain(self, finding: Finding, memo: ContextMemo | None = None) -> dict[str, Any]:
         """The context of one alert; pass the same `memo` for all alerts of one evaluation."""
         rule, key = finding.rule, finding.key
         cluster = rule.field_value(key, CLUSTER_FIELD)

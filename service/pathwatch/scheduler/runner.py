@@ -21,6 +21,7 @@ from pathwatch.config.model import SinkConfig
 from pathwatch.engine.evaluate import Finding, PresenceReader, evaluate
 from pathwatch.rules.model import Rule
 from pathwatch.store.alertlog import AlertStore, TickRecord
+from pathwatch.store.context import ContextMemo
 from pathwatch.store.firstseen import StreamHit
 from pathwatch.telemetry.metrics import Metrics
 
@@ -97,7 +98,7 @@ class TickRunner:
         if self._explainer is None or not events:
             return
         by_id = {alert_id(f.rule.id, f.key, f.first_minute): f for f in findings}
-        memo: dict[bytes, list[tuple[list[str], int]]] = {}
+        memo: ContextMemo = {}
         for event in events:
             finding = by_id.get(event.id)
             if finding is None:

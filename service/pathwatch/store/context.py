@@ -14,6 +14,7 @@ not with observations.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from pathwatch.store import keyspace as ks
@@ -61,19 +62,37 @@ class ContextIndex:
             self._known.clear()
         self._known.update(candidates)
 
-    def _scan(
-        self, prefix: bytes, memo: dict[bytes, list[tuple[list[str], int]]] | None = None
-    ) -> list[tuple[list[str], int]]:
-        if memo is not None and prefix in memo:
-            return memo[prefix]
+    def _scan(self, prefix: bytes) -> list[tuple[list[str], int]]:
         out = []
         for raw, value in self._db.scan_prefix(prefix):
             out.append((raw[1:].decode("utf-8", "surrogatepass").split(_SEP), ks.from_u64(value)))
             if len(out) >= self._scan_limit:
                 break
-        if memo is not None:
-            memo[prefix] = out
         return out
+
+    def _path_hosts(self, prefix: bytes, before_ms: int, memo: ContextMemo | None) -> set[str]:
+        """Hosts the (cluster, path) of `prefix` ran on before `before_ms`."""
+        cached = memo.get((prefix, before_ms)) if memo is not None else None
+        if cached is None:
+            cached = {p[2] for p, first in self._scan(prefix) if first < before_ms}
+            if memo is not None:
+                memo[(prefix, before_ms)] = cached
+        assert isinstance(cached, set)
+        return cached
+
+    def _name_paths(self, prefix: bytes, before_ms: int, memo: ContextMemo | None) -> _NameSummary:
+        """For the (cluster, name) of `prefix`, before `before_ms`: the hosts it ran on, and
+        paths it ran from with their host counts, most hosts first (ties by path)."""
+        cached = memo.get((prefix, before_ms)) if memo is not None else None
+        if cached is None:
+            pairs = {(p[2], p[3]) for p, first in self._scan(prefix) if first < before_ms}
+            per_path: Counter[str] = Counter(path for path, _ in pairs)
+            top = sorted(per_path.items(), key=lambda item: (-item[1], item[0]))[:6]
+            cached = _NameSummary({host for _, host in pairs}, top)
+            if memo is not None:
+                memo[(prefix, before_ms)] = cached
+        assert isinstance(cached, _NameSummary)
+        return cached
 
     def explain(
         self,
@@ -82,29 +101,34 @@ class ContextIndex:
         path: str | None,
         name: str | None,
         before_ms: int,
-        memo: dict[bytes, list[tuple[list[str], int]]] | None = None,
+        memo: ContextMemo | None = None,
     ) -> dict[str, Any]:
         """What ran where before `before_ms` (the window start): for the alert's `context`.
 
-        `memo` shares prefix scans between the alerts of one evaluation, which often name the
-        same executable (a rollout, a worm): each (cluster, path) and (cluster, name) is read
-        once per evaluation, not once per alert.
+        `memo` shares the prefix scans, summarised, between the alerts of one evaluation, which
+        often name the same executable (a rollout, a worm): each (cluster, path) and (cluster,
+        name) is read and counted once per evaluation, and each alert costs a lookup.
         """
         ctx: dict[str, Any] = {}
         if path is not None:
             prefix = b"P" + f"{cluster}{_SEP}{path}{_SEP}".encode("utf-8", "surrogatepass")
-            hosts = {
-                p[2] for p, first in self._scan(prefix, memo) if first < before_ms and p[2] != host
-            }
-            ctx["path_seen_on_other_nodes"] = len(hosts)
+            hosts = self._path_hosts(prefix, before_ms, memo)
+            ctx["path_seen_on_other_nodes"] = len(hosts) - (host in hosts)
         if name is not None:
             prefix = b"N" + f"{cluster}{_SEP}{name}{_SEP}".encode("utf-8", "surrogatepass")
-            entries = [(p, first) for p, first in self._scan(prefix, memo) if first < before_ms]
-            ctx["name_seen_on_other_nodes"] = len({p[3] for p, _ in entries if p[3] != host})
-            per_path: Counter[str] = Counter()
-            for p in {(p[2], p[3]) for p, _ in entries}:
-                per_path[p[0]] += 1
+            summary = self._name_paths(prefix, before_ms, memo)
+            ctx["name_seen_on_other_nodes"] = len(summary.hosts) - (host in summary.hosts)
             ctx["name_usual_paths"] = [
-                {"path": usual, "nodes": n} for usual, n in per_path.most_common(6) if usual != path
+                {"path": usual, "nodes": n} for usual, n in summary.top_paths if usual != path
             ][:5]
         return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class _NameSummary:
+    hosts: set[str]
+    top_paths: list[tuple[str, int]]
+
+
+# Summaries of prefix scans, keyed by (prefix, before_ms): one per evaluation.
+ContextMemo = dict[tuple[bytes, int], object]
