@@ -38,3 +38,15 @@ def merge_into(target: ObservationBatch, source: ObservationBatch) -> None:
             target[rk] = Sighting(set(sighting.minutes), sighting.first_ms, sighting.last_ms)
         else:
             existing.absorb(sighting)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A resource (by `fingerprint`, the hash of its Resource bytes) whose accepted points in
+    one request all fell in `minute`, the earliest at `earliest_ms`, stored under `keys` (empty:
+    it yields no key). Once durable it goes to the store's DurableResources."""
+
+    fingerprint: int
+    minute: int
+    earliest_ms: int
+    keys: tuple[RuleKey, ...]

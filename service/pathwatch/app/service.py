@@ -35,6 +35,7 @@ from pathwatch.store import (
     Retention,
     WriterConfig,
 )
+from pathwatch.store.durable import DurableResources
 from pathwatch.store.firstseen import StreamHit
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.telemetry.metrics import Metrics
@@ -113,6 +114,9 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.http: object | None = None
         self.first_start_ms = 0
+        # Resources durable in their latest minute: shared by the receivers (read) and the
+        # writer (adds after each commit). Rules are fixed for the process's life.
+        self.durable = DurableResources(config.receiver.durable_resources)
 
     def time_bounds(self) -> TimeBounds:
         now = self.clock.now_ms()
@@ -192,6 +196,7 @@ class Service:
             ),
             on_limit=self._on_key_limit,
             on_stream=self._on_stream,
+            durable=self.durable,
         )
         self.writer.start()
         self.dispatcher = Dispatcher(cfg.sinks, self.alerts, self.clock, self.metrics)
@@ -213,7 +218,12 @@ class Service:
         )
         grpc_cfg = cfg.receiver.grpc
         # One decoder for both transports: thread-safe, and its resource cache is shared.
-        decoder = Decoder(self.rules, cfg.receiver.max_key_field_bytes, cfg.receiver.resource_cache)
+        decoder = Decoder(
+            self.rules,
+            cfg.receiver.max_key_field_bytes,
+            cfg.receiver.resource_cache,
+            durable=self.durable,
+        )
         self.receiver = OtlpGrpcReceiver(
             grpc_cfg,
             decoder,

@@ -68,6 +68,10 @@ class ReceiverConfig:
     # Distinct resources whose decoded key fields are remembered (a process's resource
     # attributes repeat every scrape). Bounded memory; a miss re-decodes the resource.
     resource_cache: int = 50_000
+    # Resources known durable in their latest minute (about 100 bytes each): a scrape whose
+    # resources are all known for its minute is acknowledged without decoding or writing.
+    # Size it above the fleet's live processes; a forgotten one costs one full decode.
+    durable_resources: int = 300_000
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ behave alike and add up in the same series."""
 
 from __future__ import annotations
 
-from pathwatch.observations import ObservationBatch
 from pathwatch.receiver.decode import DecodeResult
 from pathwatch.store.writer import Backpressure, IngestWriter
 from pathwatch.telemetry.metrics import Metrics
@@ -20,16 +19,14 @@ def count_decoded(metrics: Metrics, result: DecodeResult) -> None:
     m.data_points.labels(outcome="key_too_long").inc(result.points_key_too_long)
 
 
-def write_durably(
-    writer: IngestWriter, batch: ObservationBatch, timeout: float
-) -> tuple[bool, str]:
-    """Submit `batch` and wait up to `timeout` s for it to be durable.
+def write_durably(writer: IngestWriter, result: DecodeResult, timeout: float) -> tuple[bool, str]:
+    """Submit the decoded batch and wait up to `timeout` s for it to be durable.
 
     Returns (overloaded, problem): problem is "" on success; overloaded is True when the write
     queue refused the batch (both cases are retryable for the sender).
     """
     try:
-        ticket = writer.submit(batch)
+        ticket = writer.submit(result.batch, result.marks)
     except Backpressure as exc:
         return True, f"pathwatch is overloaded: {exc}"
     if not ticket.wait(max(0.0, timeout)) or ticket.error is not None:

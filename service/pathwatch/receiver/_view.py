@@ -23,11 +23,12 @@ def _load() -> dict[str, Any]:
         pool.Add(f)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-        for name in ("MergedRequest", "MetricRequest", "ResourceView")
+        for name in ("FlatRequest", "MergedRequest", "MetricRequest", "ResourceView")
     }
 
 
 _CLASSES = _load()
+FlatRequest: Any = _CLASSES["FlatRequest"]
 MergedRequest: Any = _CLASSES["MergedRequest"]
 MetricRequest: Any = _CLASSES["MetricRequest"]
 ResourceView: Any = _CLASSES["ResourceView"]

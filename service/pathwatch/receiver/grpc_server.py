@@ -194,7 +194,7 @@ class OtlpGrpcReceiver:
             if remaining is None
             else min(self._config.ack_timeout, remaining)
         )
-        _, problem = write_durably(self._writer, result.batch, wait)
+        _, problem = write_durably(self._writer, result, wait)
         if problem:
             metrics.export_requests.labels(outcome="unavailable").inc()
             context.abort_with_status(_retry_status(problem))

@@ -430,9 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
             result = receiver._decoder.decode(raw, bounds)
         except InvalidRequest as exc:
             raise _Reject(400, str(exc), bad_request=True) from None
-        overloaded, problem = write_durably(
-            receiver._writer, result.batch, float(config.ack_timeout)
-        )
+        overloaded, problem = write_durably(receiver._writer, result, float(config.ack_timeout))
         if problem:
             status = 429 if overloaded else 503
             raise _Reject(status, problem, "unavailable", retry_after=_RETRY_AFTER_S)

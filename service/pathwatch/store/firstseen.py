@@ -14,11 +14,12 @@ a record safe without locks; reads may come from any thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from pathwatch.clock import MINUTE_MS
-from pathwatch.observations import KeyTuple, ObservationBatch
+from pathwatch.observations import KeyTuple, Mark, ObservationBatch
+from pathwatch.store import durable
 from pathwatch.store import keyspace as ks
 from pathwatch.store.codec import (
     KeyState,
@@ -254,6 +255,25 @@ class FirstSeenStore:
             if known is None or first_ms < known:
                 pending[ekey] = first_ms
                 wb.put(ekey, ks.u64(first_ms))
+
+    def durable_entries(self, marks: Iterable[Mark]) -> list[tuple[int, int]]:
+        """DurableResources entries for `marks` whose keys this store holds at the mark's
+        minute (just written or found so), read from the key cache: a mark whose key is not
+        cached or not stored there (refused, beyond the horizon) gives no entry. Writer thread
+        only, right after the commit that made them durable."""
+        out: list[tuple[int, int]] = []
+        cache = self._cache
+        for mark in marks:
+            floor = mark.minute * MINUTE_MS
+            for rule_key in mark.keys:
+                entry = cache.get(rule_key)
+                if entry is None or not entry[1].history.observed(mark.minute, mark.minute + 1):
+                    break
+                floor = max(floor, entry[1].first_seen_ms)
+            else:
+                if floor <= mark.earliest_ms:
+                    out.append((mark.fingerprint, durable.encode(floor, bool(mark.keys))))
+        return out
 
     def set_context_fields(self, rule: str, key_fields: tuple[str, ...]) -> None:
         """Feed the context index from `rule`'s keys (they must hold cluster, host, path)."""

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 
 from pathwatch.clock import Clock
-from pathwatch.observations import ObservationBatch, merge_into
+from pathwatch.observations import Mark, ObservationBatch, merge_into
 from pathwatch.store.db import StoreError
+from pathwatch.store.durable import DurableResources
 from pathwatch.store.firstseen import FirstSeenStore, Retention, StreamHit
 from pathwatch.store.guard import LimitHit
 from pathwatch.telemetry.metrics import Metrics
@@ -73,7 +74,9 @@ class IngestWriter:
         config: WriterConfig | None = None,
         on_limit: Callable[[tuple[LimitHit, ...]], None] = lambda hits: None,
         on_stream: Callable[[tuple[StreamHit, ...]], None] = lambda hits: None,
+        durable: DurableResources | None = None,
     ) -> None:
+        self._durable = durable
         self._on_limit = on_limit
         self._on_stream = on_stream
         self._store = store
@@ -82,7 +85,7 @@ class IngestWriter:
         self._metrics = metrics
         self._config = config or WriterConfig()
         self._cond = threading.Condition()
-        self._queue: deque[tuple[ObservationBatch, Ticket]] = deque()
+        self._queue: deque[tuple[ObservationBatch, Ticket, Sequence[Mark]]] = deque()
         self._pending = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -104,10 +107,16 @@ class IngestWriter:
         self._thread = threading.Thread(target=self._run, name="pathwatch-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: ObservationBatch) -> Ticket:
-        """Queue `batch` for a durable write. Never blocks; raises Backpressure when full."""
+    def submit(self, batch: ObservationBatch, marks: Sequence[Mark] = ()) -> Ticket:
+        """Queue `batch` for a durable write. Never blocks; raises Backpressure when full.
+
+        Once the write is durable, `marks` (resources seen in one minute) go to the
+        DurableResources, so that the next scrapes of those resources in that minute skip
+        decoding and writing."""
         ticket = Ticket(len(batch))
         if not batch:
+            if marks and self._durable is not None:  # resources that yield no key
+                self._durable.add(self._store.durable_entries(marks))
             ticket._finish(None)
             return ticket
         with self._cond:
@@ -115,7 +124,7 @@ class IngestWriter:
                 raise Backpressure("pathwatch is shutting down")
             if self._pending + len(batch) > self._config.max_pending_keys and self._pending > 0:
                 raise Backpressure(f"write queue full ({self._pending} keys pending)")
-            self._queue.append((batch, ticket))
+            self._queue.append((batch, ticket, marks))
             self._pending += len(batch)
             self._metrics.store_pending_keys.set(self._pending)
             self._cond.notify()
@@ -136,12 +145,12 @@ class IngestWriter:
             if stopping and not items:
                 return
 
-    def _write(self, items: list[tuple[ObservationBatch, Ticket]]) -> None:
+    def _write(self, items: list[tuple[ObservationBatch, Ticket, Sequence[Mark]]]) -> None:
         if len(items) == 1:
             merged = items[0][0]  # the common case under light load: nothing to merge
         else:
             merged = {}
-            for batch, _ in items:
+            for batch, _, _ in items:
                 merge_into(merged, batch)
         error: Exception | None = None
         started = self._clock.monotonic()
@@ -157,6 +166,10 @@ class IngestWriter:
             if self.last_error is not None:
                 log.info("store writes succeed again", previous_error=self.last_error)
             self.last_error = None
+            if self._durable is not None:
+                self._durable.add(
+                    self._store.durable_entries(m for _, _, marks in items for m in marks)
+                )
             self._metrics.store_keys_written.inc(result.keys_written)
             self._metrics.store_keys_created.inc(result.keys_created)
             if result.keys_refused:
@@ -179,9 +192,9 @@ class IngestWriter:
                     log.exception("cannot record stream alerts; the next tick will")
             self._metrics.store_write_seconds.observe(self._clock.monotonic() - started)
         with self._cond:
-            self._pending -= sum(t.size for _, t in items)
+            self._pending -= sum(t.size for _, t, _ in items)
             self._metrics.store_pending_keys.set(self._pending)
-        for _, ticket in items:
+        for _, ticket, _ in items:
             ticket._finish(error)
 
     def _expire(self) -> None:
@@ -195,6 +208,8 @@ class IngestWriter:
                 return
             self._metrics.store_keys_expired.labels(rule=rule).inc(deleted)
             if deleted:
+                if self._durable is not None:
+                    self._durable.clear()  # entries may name deleted keys
                 log.info("expired keys", rule=rule, keys=deleted)
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,62 @@
+"""DurableResources: resources whose observations in their latest minute are already stored.
+
+A process is scraped every 10 s and its Resource bytes repeat; five scrapes in six fall in a
+minute its key already has. The receiver looks a request's resources up here (by a hash of
+their bytes) and, when all of them are known for the request's one minute, acknowledges it
+without decoding a key or queueing a write. The writer adds entries only after the commit that
+made them durable, from the key states it just wrote or read, so an entry never claims more
+than the store holds.
+
+Value per resource: ``floor_ms * 2 + tracked``. Points at or after `floor_ms` and inside its
+minute add nothing (`floor_ms` is the minute's start, or the key's first_seen when that falls
+inside the minute, so an earlier point still moves first_seen). `tracked` tells whether the
+resource yields a key for some rule (for the ingest counters).
+
+The fast path counts a request's points as accepted and its Resources as tracked or untracked
+by their entries. A ResourceMetrics without a Resource or without data points stores nothing on
+either path, but the full path also counts it (untracked, ignored) and the fast path does not.
+
+Bounded: past `capacity` entries the oldest half is forgotten; a forgotten resource costs one
+pass through the full path. Reads from receiver threads and writes from the writer thread are
+single dict operations (atomic in CPython).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pathwatch.clock import MINUTE_MS
+
+
+class DurableResources:
+    def __init__(self, capacity: int) -> None:
+        self._entries: dict[int, int] = {}
+        self._capacity = max(0, capacity)
+        self.get = self._entries.get
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, entries: Iterable[tuple[int, int]]) -> None:
+        if self._capacity == 0:
+            return
+        data = self._entries
+        for fingerprint, value in entries:
+            data.pop(fingerprint, None)  # refreshed entries move to the young end
+            data[fingerprint] = value
+        if len(data) > self._capacity:
+            for stale in list(data)[: len(data) - self._capacity // 2]:
+                data.pop(stale, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def encode(floor_ms: int, tracked: bool) -> int:
+    return floor_ms * 2 + (1 if tracked else 0)
+
+
+def covers(value: int, minute: int, earliest_ms: int) -> bool:
+    """Does the entry `value` cover points from `earliest_ms` on, all inside `minute`?"""
+    floor_ms = value >> 1
+    return floor_ms // MINUTE_MS == minute and floor_ms <= earliest_ms
