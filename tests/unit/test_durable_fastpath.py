@@ -56,8 +56,8 @@ metric = st.tuples(
     st.sampled_from(["gauge", "sum", "histogram"]),
     st.lists(st.one_of(same_minute, same_minute, offsets), max_size=3),
 )
-resource = st.tuples(st.one_of(st.none(), st.integers(0, 5)), st.lists(metric, max_size=3))
-request = st.lists(resource, min_size=1, max_size=5)
+resource = st.tuples(st.one_of(st.none(), st.integers(0, 11)), st.lists(metric, max_size=3))
+request = st.lists(resource, min_size=1, max_size=10)
 
 
 def build(resources: list[Resource], shift_minutes: int) -> bytes:
@@ -70,6 +70,7 @@ def build(resources: list[Resource], shift_minutes: int) -> bytes:
                 [
                     _attr("process.pid", 100 + proc),
                     _attr("process.executable.name", PATHS[proc % 3].rsplit("/", 1)[-1]),
+                    _attr("process.owner", "root" if proc < 6 else "x" * 5000),  # not a key
                     _attr("process.executable.path", PATHS[proc % 3]),
                     _attr("host.name", "node-1"),
                     _attr("k8s.cluster.name", "prod"),
@@ -149,5 +150,21 @@ def test_a_repeated_scrape_takes_the_fast_path_and_a_new_minute_does_not(tmp_pat
         later = pipe.export(build(scrape, 1))  # the next minute must be written
         assert len(later.batch) == 4
         assert pipe.store.get(PARITY_RULE.id, ("node-1", "prod", "node-1", "100", "/bin/a", "a"))
+    finally:
+        pipe.db.close()
+
+
+def test_a_scrape_with_one_new_process_decodes_only_that_one(tmp_path: Path) -> None:
+    pipe = Pipeline(str(tmp_path / "db"), fast=True)
+    try:
+        def scrape(procs: range) -> list[Resource]:
+            return [(p, [("process.memory.usage", "gauge", [2_000])]) for p in procs]
+
+        pipe.export(build(scrape(range(8)), 0))
+        result = pipe.export(build(scrape(range(9)), 0))  # process 8 is new
+        assert [key[3] for _, key in result.batch] == ["108"]
+        assert len(result.marks) == 1
+        assert (result.resources_tracked, result.points_accepted) == (9, 9)
+        assert not pipe.export(build(scrape(range(9)), 0)).batch
     finally:
         pipe.db.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -20,6 +22,7 @@ from pathwatch.config.load import env_variables
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+_M_ARENA_MAX = -8  # mallopt parameter number, from glibc's malloc.h
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -32,11 +35,26 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
+def _limit_malloc_arenas() -> None:
+    """Use at most two glibc malloc arenas unless MALLOC_ARENA_MAX says otherwise.
+
+    glibc gives threads that allocate at once arenas of their own (up to 8 per core); the gRPC
+    workers, the writer and RocksDB's threads then leave memory fragmented across them, which
+    shows as RSS. Two arenas keep it down at a small cost in lock contention. Must run before
+    threads start; a no-op where libc is not glibc.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pathwatch.app.service import Service
     from pathwatch.store.db import StoreError
     from pathwatch.telemetry.logging import configure_logging
 
+    _limit_malloc_arenas()
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
     service = Service(config)

@@ -89,7 +89,7 @@ class StoreConfig:
     # fsync the WAL on every group commit: an acknowledged export then survives a power loss,
     # not only a process crash. Turn off only where losing the last second of data is fine.
     fsync: bool = True
-    cache_keys: int = 100_000
+    cache_keys: int = 50_000
     max_pending_keys: int = 50_000
     max_runs_per_key: int = 256
     block_cache_size: ByteSize = ByteSize(64 << 20)

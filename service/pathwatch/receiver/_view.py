@@ -23,12 +23,23 @@ def _load() -> dict[str, Any]:
         pool.Add(f)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-        for name in ("FlatRequest", "MergedRequest", "MetricRequest", "ResourceView")
+        for name in (
+            "FlatRequest",
+            "MergedRequest",
+            "MergedResourceMetrics",
+            "MetricRequest",
+            "MetricResourceMetrics",
+            "RawRequest",
+            "ResourceView",
+        )
     }
 
 
 _CLASSES = _load()
 FlatRequest: Any = _CLASSES["FlatRequest"]
 MergedRequest: Any = _CLASSES["MergedRequest"]
+MergedResourceMetrics: Any = _CLASSES["MergedResourceMetrics"]
 MetricRequest: Any = _CLASSES["MetricRequest"]
+MetricResourceMetrics: Any = _CLASSES["MetricResourceMetrics"]
+RawRequest: Any = _CLASSES["RawRequest"]
 ResourceView: Any = _CLASSES["ResourceView"]

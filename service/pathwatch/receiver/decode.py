@@ -20,8 +20,9 @@ saw in exactly one minute (`DecodeResult.marks`), for the writer to add once dur
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -32,11 +33,20 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from pathwatch.observations import Mark, ObservationBatch, RuleKey, Sighting
-from pathwatch.receiver._view import FlatRequest, MergedRequest, MetricRequest, ResourceView
+from pathwatch.receiver._view import (
+    FlatRequest,
+    MergedRequest,
+    MergedResourceMetrics,
+    MetricRequest,
+    MetricResourceMetrics,
+    RawRequest,
+    ResourceView,
+)
 from pathwatch.rules.model import Rule
 from pathwatch.store.durable import DurableResources, covers
 
 MINUTE_NS = 60_000_000_000
+_MAX_NEW_SHARE = 4  # past 1 / this of a request's resources new, the full path is cheaper
 
 _KINDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
 _NONE, _ALL, _MIXED = 0, 1, 2
@@ -252,16 +262,54 @@ class Decoder:
             return None
         earliest_ms = lo // 1_000_000
         values = list(map(self._durable.get, map(hash, raws)))
+        result = DecodeResult()
+        new: list[int] = []
         tracked = 0
-        for value in values:
+        for i, value in enumerate(values):
             if value is None or not covers(value, minute, earliest_ms):
+                new.append(i)
+                if len(new) > len(values) // _MAX_NEW_SHARE:
+                    return None  # mostly new (a new minute): the full path is cheaper
+            else:
+                tracked += value & 1
+        taken = self._take_new(data, raws, new, bounds, result) if new else 0
+        if taken is None:
+            return None
+        result.points_accepted += points - taken
+        result.resources_tracked += tracked
+        result.resources_untracked += len(values) - len(new) - tracked
+        return result
+
+    def _take_new(
+        self, data: bytes, raws: Any, new: list[int], bounds: TimeBounds, result: DecodeResult
+    ) -> int | None:
+        """Decode only the ResourceMetrics at positions `new` of the flat resource list into
+        `result`; returns their points, or None when positions cannot be trusted to name
+        ResourceMetrics (then the caller takes the full path, with a fresh result).
+
+        Trusted when the request has as many ResourceMetrics as Resources, no Resource twice,
+        and the ResourceMetrics at each new position holds that Resource: then every
+        ResourceMetrics whose Resource is new sits at one of these positions.
+        """
+        try:
+            rms = RawRequest.FromString(data).resource_metrics
+        except (DecodeError, RecursionError, ValueError):
+            return None
+        if len(rms) != len(raws) or len(set(raws)) != len(raws):
+            return None
+        window = (bounds.oldest_ms * 1_000_000, bounds.newest_ms * 1_000_000 + 999_999)
+        taken = 0
+        for i in new:
+            raw_rm = rms[i]
+            try:
+                rm = MergedResourceMetrics.FromString(raw_rm)
+            except (DecodeError, RecursionError, ValueError):
                 return None
-            tracked += value & 1
-        return DecodeResult(
-            points_accepted=points,
-            resources_tracked=tracked,
-            resources_untracked=len(values) - tracked,
-        )
+            if rm.resource != raws[i]:
+                return None
+            view = functools.partial(MetricResourceMetrics.FromString, raw_rm)
+            taken += self._take(rm, view, window, result)
+        return taken
 
     def _decode_full(self, data: bytes, bounds: TimeBounds) -> DecodeResult:
         try:
@@ -269,74 +317,89 @@ class Decoder:
         except (DecodeError, RecursionError, ValueError) as exc:
             raise InvalidRequest(f"cannot decode ExportMetricsServiceRequest: {exc}") from exc
         result = DecodeResult()
-        batch = result.batch
-        marks = result.marks
-        oldest_ns = bounds.oldest_ms * 1_000_000
-        newest_ns = bounds.newest_ms * 1_000_000 + 999_999
         per_metric: Any = None
+
+        def metric_view(index: int) -> Any:
+            nonlocal per_metric
+            if per_metric is None:
+                per_metric = MetricRequest.FromString(data)
+            return per_metric.resource_metrics[index]
+
+        window = (bounds.oldest_ms * 1_000_000, bounds.newest_ms * 1_000_000 + 999_999)
         for index, rm in enumerate(request.resource_metrics):
-            merged = rm.scope_metrics.metrics
-            status = self._match(tuple(merged.name))
-            if _MIXED in status:
-                if per_metric is None:
-                    per_metric = MetricRequest.FromString(data)
-                stamps, counted = self._times_by_metric(per_metric.resource_metrics[index])
-                npoints = len(counted)
-            elif _ALL in status:
-                lists = [
-                    v.data_points.time_unix_nano for f, v in merged.ListFields() if f.number != 1
-                ]
-                npoints = sum(map(len, lists))
-                counted = lists[0] if len(lists) == 1 else [t for lst in lists for t in lst]
-                stamps = [counted if s == _ALL else [] for s in status]
-            else:
-                result.resources_ignored += 1
-                continue
-            if not npoints:
-                result.resources_ignored += 1
-                continue
-            raw = rm.resource
-            fingerprint = hash(raw)
-            keys = self._keys(raw)
-            if keys is _TOO_LONG:
-                result.points_key_too_long += npoints
-                result.resources_untracked += 1
-                continue
-            if keys is _BAD:
-                result.resources_untracked += 1
-                continue
-            distinct = set(counted)
-            lo, hi = min(distinct), max(distinct)
-            single_minute = lo // MINUTE_NS == hi // MINUTE_NS
-            if lo < oldest_ns or hi > newest_ns:
-                single_minute = False
-                old = sum(1 for t in counted if t < oldest_ns)
-                future = sum(1 for t in counted if t > newest_ns)
-                result.points_too_old += old
-                result.points_future += future
-                npoints -= old + future
-                stamps = [[t for t in lst if oldest_ns <= t <= newest_ns] for lst in stamps]
-                distinct = {t for t in distinct if oldest_ns <= t <= newest_ns}
-            result.points_accepted += npoints
-            stored: list[RuleKey] = []
-            for key, g, rule_id in zip(keys, self._rule_group, self._rule_ids, strict=True):
-                if key is None or not stamps[g]:
-                    continue
-                stored.append((rule_id, key))
-                sighting = batch.get((rule_id, key))
-                if sighting is None:
-                    sighting = batch[(rule_id, key)] = Sighting()
-                for t in distinct if stamps[g] is counted else set(stamps[g]):
-                    sighting.add(t // 1_000_000)
-            if stored:
-                result.resources_tracked += 1
-            else:
-                result.resources_untracked += 1
-            # Only a resource that every rule counts in full is marked: the fast path holds
-            # only requests whose every metric every rule counts.
-            if single_minute and self._durable is not None and all(x == _ALL for x in status):
-                marks.append(Mark(fingerprint, lo // MINUTE_NS, lo // 1_000_000, tuple(stored)))
+            self._take(rm, functools.partial(metric_view, index), window, result)
         return result
+
+    def _take(
+        self,
+        rm: Any,
+        metric_view: Callable[[], Any],
+        window: tuple[int, int],
+        result: DecodeResult,
+    ) -> int:
+        """Decode one ResourceMetrics (a MergedResourceMetrics) into `result`; returns its
+        counted points. `metric_view` gives it metric by metric, for a mixed resource."""
+        merged = rm.scope_metrics.metrics
+        status = self._match(tuple(merged.name))
+        if _MIXED in status:
+            stamps, counted = self._times_by_metric(metric_view())
+            npoints = len(counted)
+        elif _ALL in status:
+            lists = [v.data_points.time_unix_nano for f, v in merged.ListFields() if f.number != 1]
+            npoints = sum(map(len, lists))
+            counted = lists[0] if len(lists) == 1 else [t for lst in lists for t in lst]
+            stamps = [counted if s == _ALL else [] for s in status]
+        else:
+            result.resources_ignored += 1
+            return 0
+        if not npoints:
+            result.resources_ignored += 1
+            return 0
+        raw = rm.resource
+        keys = self._keys(raw)
+        if keys is _TOO_LONG:
+            result.points_key_too_long += npoints
+            result.resources_untracked += 1
+            return npoints
+        if keys is _BAD:
+            result.resources_untracked += 1
+            return npoints
+        oldest_ns, newest_ns = window
+        distinct = set(counted)
+        lo, hi = min(distinct), max(distinct)
+        single_minute = lo // MINUTE_NS == hi // MINUTE_NS
+        total = npoints
+        if lo < oldest_ns or hi > newest_ns:
+            single_minute = False
+            old = sum(1 for t in counted if t < oldest_ns)
+            future = sum(1 for t in counted if t > newest_ns)
+            result.points_too_old += old
+            result.points_future += future
+            npoints -= old + future
+            stamps = [[t for t in lst if oldest_ns <= t <= newest_ns] for lst in stamps]
+            distinct = {t for t in distinct if oldest_ns <= t <= newest_ns}
+        result.points_accepted += npoints
+        batch = result.batch
+        stored: list[RuleKey] = []
+        for key, g, rule_id in zip(keys, self._rule_group, self._rule_ids, strict=True):
+            if key is None or not stamps[g]:
+                continue
+            stored.append((rule_id, key))
+            sighting = batch.get((rule_id, key))
+            if sighting is None:
+                sighting = batch[(rule_id, key)] = Sighting()
+            for t in distinct if stamps[g] is counted else set(stamps[g]):
+                sighting.add(t // 1_000_000)
+        if stored:
+            result.resources_tracked += 1
+        else:
+            result.resources_untracked += 1
+        # Only a resource that every rule counts in full is marked: the fast path holds only
+        # requests whose every metric every rule counts.
+        if single_minute and self._durable is not None and all(x == _ALL for x in status):
+            mark = Mark(hash(raw), lo // MINUTE_NS, lo // 1_000_000, tuple(stored))
+            result.marks.append(mark)
+        return total
 
     def _times_by_metric(self, rm: Any) -> tuple[list[list[int]], list[int]]:
         """Timestamps per glob group, and of every counted point (a point of a metric that at
