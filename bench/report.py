@@ -248,6 +248,9 @@ def service_defaults() -> str:
     resources = getattr(receiver, "resource_cache", None)
     if resources is not None:
         parts.append(f"receiver.resource_cache {resources:,}")
+    durable = getattr(receiver, "durable_resources", None)
+    if durable is not None:
+        parts.append(f"receiver.durable_resources {durable:,}")
     parts += [
         f"store.max_pending_keys {store.max_pending_keys:,}",
         f"store.block_cache_size {store.block_cache_size >> 20} MiB",
