@@ -157,6 +157,7 @@ def test_a_repeated_scrape_takes_the_fast_path_and_a_new_minute_does_not(tmp_pat
 def test_a_scrape_with_one_new_process_decodes_only_that_one(tmp_path: Path) -> None:
     pipe = Pipeline(str(tmp_path / "db"), fast=True)
     try:
+
         def scrape(procs: range) -> list[Resource]:
             return [(p, [("process.memory.usage", "gauge", [2_000])]) for p in procs]
 
