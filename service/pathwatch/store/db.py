@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import structlog
 from rocksdict import (
     AccessType,
+    BlockBasedIndexType,
     BlockBasedOptions,
     Cache,
     DBCompressionType,
@@ -27,6 +28,7 @@ from pathwatch.store.keyspace import prefix_end
 log = structlog.get_logger(component="store")
 
 _RECOVERY_INTERVAL_S = 2.0
+_BLOCK_BYTES = 16 << 10  # data blocks: 16 KiB compress better than 4 KiB (~28% less disk)
 
 
 class StoreError(RuntimeError):
@@ -97,13 +99,25 @@ class Database:
         opts.set_max_open_files(512)
         table = BlockBasedOptions()
         table.set_block_cache(Cache(self.options.block_cache_bytes))
+        table.set_block_size(_BLOCK_BYTES)
         table.set_cache_index_and_filter_blocks(True)
+        # Partitioned index and filters: a file's index is cut into 4 KiB partitions under a
+        # small pinned top level. A whole-file index block (megabytes for a 64 MiB file of
+        # pathwatch's long keys) is larger than one shard of the block cache, so it was read
+        # and parsed again on every point read: ~0.7 ms per read instead of a few us.
+        table.set_index_type(BlockBasedIndexType.two_level_index_search())
+        table.set_partition_filters(True)
+        table.set_metadata_block_size(4096)
+        table.set_pin_top_level_index_and_filter(True)
         table.set_pin_l0_filter_and_index_blocks_in_cache(True)
         table.set_bloom_filter(10, False)
         opts.set_block_based_table_factory(table)
         access = AccessType.read_only() if self.options.read_only else AccessType.read_write()
         try:
-            return Rdict(self.path, opts, access_type=access)
+            # The options go to the default column family explicitly: without that, rocksdict
+            # reopens an existing database with the column family options stored in its
+            # OPTIONS file, and a changed block cache size or table format would not apply.
+            return Rdict(self.path, opts, column_families={"default": opts}, access_type=access)
         except Exception as exc:
             text = str(exc)
             if "lock" in text.lower():
