@@ -46,6 +46,8 @@ class HistoryResult:
     peak_rss_sampled: int = 0  # largest 1 s sample while loading
     hwm_after_load: int = 0  # VmHWM after the last stage, before its evaluations
     hwm_end: int = 0  # VmHWM after every evaluation
+    # At 100% of the keys: RocksDB memory by part (bytes) and cache entries, from /metrics
+    memory_parts: dict[str, float] = field(default_factory=dict)
     evaluations: dict[int, list[Evaluation]] = field(default_factory=dict)
     keys_created: int = 0
     shutdown_s: float = 0.0
@@ -107,6 +109,16 @@ def _delta(before: dict[str, float], after: dict[str, float], name: str, **label
     return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
 
+def _memory_parts(metrics: dict[str, float]) -> dict[str, float]:
+    parts = {
+        part: metric_value(metrics, "pathwatch_store_memory_bytes", part=part)
+        for part in ("block_cache", "memtables", "table_readers")
+    }
+    for cache in ("keys", "resources", "durable"):
+        parts[f"{cache}_entries"] = metric_value(metrics, "pathwatch_cache_entries", cache=cache)
+    return parts
+
+
 def data_bytes(path: Path) -> int:
     """Bytes of every file in the data dir except RocksDB's own text logs (LOG, LOG.old.*)."""
     return sum(
@@ -150,6 +162,7 @@ def run_history(settings: Settings, workdir: Path, config: dict[str, Any]) -> Hi
             if stage == 1:
                 result.hwm_after_load = procstat.memory(service.pid).hwm
                 result.rss_at[100] = procstat.memory(service.pid).rss
+                result.memory_parts = _memory_parts(service.metrics())
             result.evaluations[stage] = _evaluate_stage(settings, service, plan, stage, minutes)
         if settings.profile is not None:
             result.evaluate_profile = _profile_evaluation(settings, service, minutes)

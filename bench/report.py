@@ -109,6 +109,12 @@ def rows(
         Row("   RSS at 10% / 50% / 100% of the keys", rss, "flat: +5% at most 50->100%",
             _verdict(history.rss_at.get(100, 0) <= 1.05 * history.rss_at.get(50, 0))),
         Row("   peak RSS including every evaluation", _mb(history.hwm_end)),
+        Row("   at 100%: RocksDB block cache / memtables / table readers",
+            " / ".join(_mb(int(history.memory_parts.get(p, 0)))
+                       for p in ("block_cache", "memtables", "table_readers"))),
+        Row("   at 100%: entries in the key / resource / durable-resource caches",
+            " / ".join(_n(history.memory_parts.get(f"{c}_entries", 0))
+                       for c in ("keys", "resources", "durable"))),
         Row("   history ingest: new keys/s (mostly new keys, 1 core)", _n(keys / seconds)),
     ]  # fmt: skip
     first = {stage: evs[0] for stage, evs in history.evaluations.items()}

@@ -137,6 +137,26 @@ def test_non_process_metrics_are_accepted_and_ignored(
     assert 'pathwatch_resources_total{outcome="ignored"} 1.0' in text
 
 
+def test_memory_gauges_show_caches_and_rocksdb_parts(
+    tmp_path: Path, service_factory: type[ServiceProcess]
+) -> None:
+    """SREs see what holds memory: RocksDB's parts and the entries of each bounded cache."""
+    svc = service_factory(tmp_path / "data").start()
+    export(svc.grpc_port, process_request([Proc(1, "/a"), Proc(2, "/b")], now_ms() - 60_000))
+    _, text = svc.api("GET", "/metrics")
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("pathwatch_cache_entries", "pathwatch_store_memory_bytes"))
+    }
+    assert values['pathwatch_cache_entries{cache="keys"}'] == 2
+    assert values['pathwatch_cache_entries{cache="resources"}'] == 2
+    assert values['pathwatch_cache_entries{cache="durable"}'] == 2
+    assert values['pathwatch_store_memory_bytes{part="memtables"}'] > 0
+    assert 'pathwatch_store_memory_bytes{part="block_cache"}' in values
+    assert 'pathwatch_store_memory_bytes{part="table_readers"}' in values
+
+
 def test_out_of_range_points_are_rejected_through_partial_success(
     tmp_path: Path, service_factory: type[ServiceProcess]
 ) -> None:

@@ -185,6 +185,17 @@ class Service:
         self.metrics.store_keys_estimate.set_function(
             lambda: db.property_int("rocksdb.estimate-num-keys")
         )
+        for part, prop in (
+            ("block_cache", "rocksdb.block-cache-usage"),
+            ("memtables", "rocksdb.cur-size-all-mem-tables"),
+            ("table_readers", "rocksdb.estimate-table-readers-mem"),
+        ):
+            self.metrics.store_memory_bytes.labels(part=part).set_function(
+                functools.partial(db.property_int, prop)
+            )
+        cache = self.metrics.cache_entries
+        cache.labels(cache="keys").set_function(lambda: firstseen.cached_keys)
+        cache.labels(cache="durable").set_function(functools.partial(len, self.durable))
         self.writer = IngestWriter(
             self.firstseen,
             lambda: self._retention,
@@ -224,6 +235,7 @@ class Service:
             cfg.receiver.resource_cache,
             durable=self.durable,
         )
+        cache.labels(cache="resources").set_function(lambda: decoder.cached_resources)
         self.receiver = OtlpGrpcReceiver(
             grpc_cfg,
             decoder,

@@ -91,6 +91,9 @@ class _BoundedCache:
         self._capacity = max(0, capacity)
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._data)
+
     def get(self, key: Any) -> Any:
         return self._data.get(key)
 
@@ -129,6 +132,10 @@ class Decoder:
         self._resources = _BoundedCache(resource_cache)
         self._durable = durable
         self._counted_by_all: set[str] = set()  # metric names every rule counts
+
+    @property
+    def cached_resources(self) -> int:
+        return len(self._resources)
 
     # -- metric name matching ---------------------------------------------------------------
 

@@ -287,6 +287,10 @@ class FirstSeenStore:
             )
             self._context_fields[rule] = (c, h, p, n)
 
+    @property
+    def cached_keys(self) -> int:
+        return len(self._cache)
+
     def key_count(self, rule: str) -> int:
         """Keys stored for `rule`, kept exact in the same write batches that add and remove."""
         count = self._counts.get(rule)

@@ -101,6 +101,18 @@ class Metrics:
             "RocksDB estimate of entries (records, indexes and outbox).",
             (),
         )
+        self.store_memory_bytes = self._gauge(
+            "pathwatch_store_memory_bytes",
+            "RocksDB memory by part: block_cache (data, index and filter blocks), memtables, "
+            "table_readers.",
+            ("part",),
+        )
+        self.cache_entries = self._gauge(
+            "pathwatch_cache_entries",
+            "Entries in pathwatch's bounded in-memory caches: keys (store.cache_keys), "
+            "resources (receiver.resource_cache), durable (receiver.durable_resources).",
+            ("cache",),
+        )
 
         # Rules
         self.evaluations = self._counter(
