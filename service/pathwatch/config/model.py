@@ -67,7 +67,7 @@ class ReceiverConfig:
     max_key_field_bytes: int = 4096
     # Distinct resources whose decoded key fields are remembered (a process's resource
     # attributes repeat every scrape). Bounded memory; a miss re-decodes the resource.
-    resource_cache: int = 50_000
+    resource_cache: int = 20_000
     # Resources known durable in their latest minute (about 100 bytes each): a scrape whose
     # resources are all known for its minute is acknowledged without decoding or writing.
     # Size it above the fleet's live processes; a forgotten one costs one full decode.
@@ -89,10 +89,10 @@ class StoreConfig:
     # fsync the WAL on every group commit: an acknowledged export then survives a power loss,
     # not only a process crash. Turn off only where losing the last second of data is fine.
     fsync: bool = True
-    cache_keys: int = 50_000
-    max_pending_keys: int = 50_000
+    cache_keys: int = 20_000
+    max_pending_keys: int = 20_000
     max_runs_per_key: int = 256
-    block_cache_size: ByteSize = ByteSize(64 << 20)
+    block_cache_size: ByteSize = ByteSize(32 << 20)
     expiry_interval: Duration = Duration(3600.0)
 
 

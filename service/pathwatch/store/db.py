@@ -44,7 +44,7 @@ class DatabaseOptions:
     """Tuning that matters for pathwatch's access pattern (small records, point reads, scans)."""
 
     fsync: bool = True
-    block_cache_bytes: int = 64 << 20
+    block_cache_bytes: int = 32 << 20
     write_buffer_bytes: int = 16 << 20
     read_only: bool = False
 
