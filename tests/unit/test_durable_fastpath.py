@@ -87,17 +87,17 @@ def build(resources: list[Resource], shift_minutes: int) -> bytes:
 
 
 class Pipeline:
-    def __init__(self, path: str, fast: bool) -> None:
+    def __init__(self, path: str, fast: bool, cache_keys: int = 100_000) -> None:
         self.db = Database(path, DatabaseOptions(fsync=False))
-        self.store = FirstSeenStore(self.db)
+        self.store = FirstSeenStore(self.db, cache_keys=cache_keys)
         self.durable = DurableResources(1000) if fast else None
         self.decoder = Decoder([PARITY_RULE], durable=self.durable)
 
     def export(self, data: bytes) -> DecodeResult:
         result = self.decoder.decode(data, BOUNDS)
-        self.store.apply(result.batch, RETENTION, NOW)
+        applied = self.store.apply(result.batch, RETENTION, NOW)
         if self.durable is not None:
-            self.durable.add(self.store.durable_entries(result.marks))
+            self.durable.add(self.store.durable_entries(result.marks, applied.states))
         return result
 
 
@@ -150,6 +150,20 @@ def test_a_repeated_scrape_takes_the_fast_path_and_a_new_minute_does_not(tmp_pat
         later = pipe.export(build(scrape, 1))  # the next minute must be written
         assert len(later.batch) == 4
         assert pipe.store.get(PARITY_RULE.id, ("node-1", "prod", "node-1", "100", "/bin/a", "a"))
+    finally:
+        pipe.db.close()
+
+
+def test_the_fast_path_does_not_depend_on_the_key_cache(tmp_path: Path) -> None:
+    """A commit of more keys than `store.cache_keys` still makes all of them durable: the
+    entries come from the commit's own states, not from the key cache it overflows."""
+    pipe = Pipeline(str(tmp_path / "db"), fast=True, cache_keys=2)
+    try:
+        scrape = [(p, [("process.memory.usage", "gauge", [1_000])]) for p in range(12)]
+        assert len(pipe.export(build(scrape, 0)).marks) == 12
+        assert pipe.durable is not None and len(pipe.durable) == 12
+        again = pipe.export(build(scrape, 0))
+        assert not again.batch and again.resources_tracked == 12
     finally:
         pipe.db.close()
 

@@ -15,7 +15,7 @@ a record safe without locks; reads may come from any thread.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pathwatch.clock import MINUTE_MS
 from pathwatch.observations import KeyTuple, Mark, ObservationBatch
@@ -101,6 +101,10 @@ class ApplyResult:
     keys_refused: int = 0
     limit_hits: tuple[LimitHit, ...] = ()
     stream_hits: tuple[StreamHit, ...] = ()
+    # Every key of the batch that the store holds after the write (written, or already
+    # holding the batch's minutes), with its state: what `durable_entries` checks marks
+    # against. Not the key cache, which a batch larger than `cache_keys` overflows.
+    states: Mapping[tuple[str, KeyTuple], KeyState] = field(default_factory=dict)
 
 
 class FirstSeenStore:
@@ -149,6 +153,7 @@ class FirstSeenStore:
         notes: list[tuple[str, str, str, str | None, int]] = []
         new_entities: dict[bytes, int] = {}
         staged: list[tuple[tuple[str, KeyTuple], bytes, KeyState]] = []
+        held: dict[tuple[str, KeyTuple], KeyState] = {}
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
         # Snapshot the cache first: remembering one key below may evict another key of this
         # same batch, which must then still be found (not taken for a new key).
@@ -175,6 +180,7 @@ class FirstSeenStore:
                 and old.history.contains_all(sighting.minutes)
             ):
                 self._remember(rule_key, rkey, old)
+                held[rule_key] = old
                 continue
             horizon = now_min - ret.horizon_minutes
             minutes = [m for m in sighting.minutes if m >= horizon]
@@ -232,10 +238,11 @@ class FirstSeenStore:
         self._counts.update(counts)
         for rule_key, rkey, state in staged:
             self._remember(rule_key, rkey, state)
+            held[rule_key] = state
         if len(self._entities) + len(new_entities) > 200_000:
             self._entities.clear()  # bounded; a miss costs one RocksDB read
         self._entities.update(new_entities)
-        return ApplyResult(written, created, refused, tuple(hits), tuple(streamed))
+        return ApplyResult(written, created, refused, tuple(hits), tuple(streamed), held)
 
     def _note_entities(
         self, rule: str, key: KeyTuple, first_ms: int, pending: dict[bytes, int], wb: Batch
@@ -256,20 +263,22 @@ class FirstSeenStore:
                 pending[ekey] = first_ms
                 wb.put(ekey, ks.u64(first_ms))
 
-    def durable_entries(self, marks: Iterable[Mark]) -> list[tuple[int, int]]:
-        """DurableResources entries for `marks` whose keys this store holds at the mark's
-        minute (just written or found so), read from the key cache: a mark whose key is not
-        cached or not stored there (refused, beyond the horizon) gives no entry. Writer thread
-        only, right after the commit that made them durable."""
+    @staticmethod
+    def durable_entries(
+        marks: Iterable[Mark], states: Mapping[tuple[str, KeyTuple], KeyState]
+    ) -> list[tuple[int, int]]:
+        """DurableResources entries for `marks` whose keys the store holds at the mark's
+        minute, judged by `states` (ApplyResult.states of the commit that made them durable):
+        a mark whose key is not there or not stored for that minute (refused, beyond the
+        horizon) gives no entry. Writer thread only, right after that commit."""
         out: list[tuple[int, int]] = []
-        cache = self._cache
         for mark in marks:
             floor = mark.minute * MINUTE_MS
             for rule_key in mark.keys:
-                entry = cache.get(rule_key)
-                if entry is None or not entry[1].history.observed(mark.minute, mark.minute + 1):
+                state = states.get(rule_key)
+                if state is None or not state.history.observed(mark.minute, mark.minute + 1):
                     break
-                floor = max(floor, entry[1].first_seen_ms)
+                floor = max(floor, state.first_seen_ms)
             else:
                 if floor <= mark.earliest_ms:
                     out.append((mark.fingerprint, durable.encode(floor, bool(mark.keys))))

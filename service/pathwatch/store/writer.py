@@ -116,7 +116,7 @@ class IngestWriter:
         ticket = Ticket(len(batch))
         if not batch:
             if marks and self._durable is not None:  # resources that yield no key
-                self._durable.add(self._store.durable_entries(marks))
+                self._durable.add(self._store.durable_entries(marks, {}))
             ticket._finish(None)
             return ticket
         with self._cond:
@@ -168,7 +168,9 @@ class IngestWriter:
             self.last_error = None
             if self._durable is not None:
                 self._durable.add(
-                    self._store.durable_entries(m for _, _, marks in items for m in marks)
+                    self._store.durable_entries(
+                        (m for _, _, marks in items for m in marks), result.states
+                    )
                 )
             self._metrics.store_keys_written.inc(result.keys_written)
             self._metrics.store_keys_created.inc(result.keys_created)
