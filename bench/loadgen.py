@@ -10,9 +10,12 @@ with exit code 1 and an ``error`` line.
 Two jobs:
 
 - ``fleet``: the steady-state fleet (bench.workload.Fleet). Every node's first scrape primes the
-  store with the fleet's keys; then `warmup_s`, then `duration_s` of measurement: acknowledged
-  resources and data points per second, per-Export latency, and the CPU time the service and
-  this process used in that window. With `extra_s`, the load goes on that long after the
+  store with the fleet's keys; then `warmup_s`, then at least `duration_s` of measurement:
+  acknowledged resources and data points per second, per-Export latency, and the CPU time the
+  service and this process used in that window. The window spans whole simulated minutes of
+  the fleet (nodes x 60 s / interval acknowledged requests each): a process's first scrape in
+  a minute costs the service several times more than the next five, so a window of any other
+  length over- or under-weights them. With `extra_s`, the load goes on that long after the
   window (an ``extra`` event marks it): time for a profiler that would perturb the figures.
 - ``history``: every request of one stage of bench.workload.HistoryPlan, once.
 """
@@ -199,23 +202,35 @@ async def run_fleet(job: Job) -> dict[str, Any]:
     reporter = asyncio.create_task(_progress(driver, job.progress_s, None))
     window: dict[str, float] = {}
 
+    # Requests in one simulated minute of the whole fleet: every node crosses one minute
+    # boundary in any such run of consecutive scrapes.
+    cycle = spec.nodes * max(1, round(60 / spec.interval_s))
+
+    async def reach(requests: int) -> None:
+        while driver.tally.requests < requests and driver.error is None:
+            await asyncio.sleep(0.002)
+
     async def clock() -> None:
         driver.phase = "prime"
-        while driver.tally.requests < spec.nodes and driver.error is None:
-            await asyncio.sleep(0.05)
+        await reach(spec.nodes)
         window["prime_s"] = time.monotonic() - started
         driver.phase = "warmup"
         await asyncio.sleep(job.warmup_s)
+        await reach(-(-driver.tally.requests // cycle) * cycle)
         window["start"] = time.monotonic()
+        first = driver.tally.requests
         window["service_cpu0"] = procstat.cpu_seconds(job.service_pid)
         window["own_cpu0"] = procstat.cpu_seconds()
         driver.phase = "measure"
-        driver.stop_at = window["start"] + job.duration_s + job.extra_s
         emit("measure", phase="measure", seconds=job.duration_s)
         await asyncio.sleep(job.duration_s)
+        cycles = max(1, -(-(driver.tally.requests - first) // cycle))
+        await reach(first + cycles * cycle)
         window["end"] = time.monotonic()
+        window["cycles"] = cycles
         window["service_cpu1"] = procstat.cpu_seconds(job.service_pid)
         window["own_cpu1"] = procstat.cpu_seconds()
+        driver.stop_at = window["end"] + job.extra_s
         if job.extra_s > 0:
             driver.phase = "extra"
             emit("extra", phase="extra", seconds=job.extra_s)
@@ -227,7 +242,11 @@ async def run_fleet(job: Job) -> dict[str, Any]:
     try:
         await driver.run()
         if driver.error is None:
-            await asyncio.wait_for(timer, timeout=job.warmup_s + job.duration_s + job.extra_s + 5)
+            # Bounded: the window rounds up to whole simulated minutes of the fleet, which at
+            # the slowest rate worth measuring (1,000 resources/s) fits in this.
+            bound = job.warmup_s + job.duration_s + job.extra_s + 5
+            bound += cycle * spec.processes / 1000
+            await asyncio.wait_for(timer, timeout=bound)
     finally:
         timer.cancel()
         reporter.cancel()
@@ -237,6 +256,7 @@ async def run_fleet(job: Job) -> dict[str, Any]:
     result = _summary(driver.tally, window["start"], window["end"])
     result.update(
         prime_s=window["prime_s"],
+        simulated_minutes=window["cycles"],
         service_cpu=(window["service_cpu1"] - window["service_cpu0"]) / seconds,
         loadgen_cpu=(window["own_cpu1"] - window["own_cpu0"]) / seconds,
         retries=driver.tally.retries,

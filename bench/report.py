@@ -229,7 +229,8 @@ def describe_workload(settings: Settings, ingest: IngestResult, history: History
             f"before the run, churn {spec.churn:.1%} of processes per scrape; "
             f"{settings.concurrency} Exports in flight over {settings.channels} connections; "
             f"every node's first scrape, then {settings.warmup_s:g} s warm-up, then "
-            f"{settings.duration_s:g} s measured",
+            f"{ingest.fleet['seconds']:.1f} s measured: {ingest.fleet['simulated_minutes']} "
+            f"whole simulated minute(s) of the fleet (at least {settings.duration_s:g} s)",
             f"history:  {plan.keys:,} distinct keys over {plan.spec.days} days, {plan.spec.nodes}"
             f" nodes; {plan.active_keys:,} active in the last hour, {plan.expected_new(1):,} of "
             f"them new (no earlier observation); stage 1: active keys + newest "

@@ -63,6 +63,8 @@ class ServiceUnderTest:
                     **config.get("receiver", {}).get("grpc", {}),
                     "listen": f"127.0.0.1:{self.grpc_port}",
                 },
+                # OTLP/HTTP is not measured; a free port keeps two runs from colliding
+                "http": {"listen": f"127.0.0.1:{free_port()}"},
             },
             "http": {"listen": f"127.0.0.1:{self.http_port}"},
             "log": {"level": "warning", "format": "json"},

@@ -64,7 +64,8 @@ _HELP = {
     "concurrency": "Export calls in flight from the load generator",
     "channels": "gRPC connections the load generator spreads its calls over",
     "warmup_s": "seconds of load after the fleet's first scrape, before measuring",
-    "duration_s": "seconds of measured ingest",
+    "duration_s": "seconds of measured ingest, at least (rounded up to whole simulated "
+    "minutes of the fleet)",
     "parse_requests": "distinct requests the parse-only baseline loops over",
     "parse_seconds": "seconds the parse-only baseline runs",
     "keys": "distinct keys stored for the memory / evaluation / restart / disk phase",
