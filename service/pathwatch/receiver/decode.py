@@ -258,8 +258,9 @@ class Decoder:
         points = len(gauge) + len(total)
         if not points:
             return None
-        lo = min(min(gauge, default=1 << 64), min(total, default=1 << 64))
-        hi = max(max(gauge, default=0), max(total, default=0))
+        stamps = set(gauge)  # one pass in C; a scrape's points share a few timestamps
+        stamps.update(total)
+        lo, hi = min(stamps), max(stamps)
         minute = lo // MINUTE_NS
         if (
             hi // MINUTE_NS != minute
