@@ -41,7 +41,8 @@ class IngestResult:
 
 def fleet_spec(settings: Settings) -> FleetSpec:
     """The fleet, starting far enough in the past that no timestamp passes the present."""
-    seconds = settings.warmup_s + settings.duration_s + _PROFILE_S + 60
+    # + up to two simulated minutes of the fleet: the window is aligned to them
+    seconds = settings.warmup_s + settings.duration_s + _PROFILE_S + 180
     scrapes = seconds * _MAX_RATE / (settings.nodes * settings.processes)
     head_start = max(2 * HOUR_MS, int(scrapes * settings.interval_s * 1000))
     return FleetSpec(
@@ -67,7 +68,11 @@ def run_ingest(settings: Settings, workdir: Path, config: dict[str, Any]) -> Ing
         def on_event(event: Event) -> None:
             nonlocal recording
             if event["event"] == "measure":
-                say("ingest", f"measuring for {settings.duration_s:.0f} s")
+                say(
+                    "ingest",
+                    f"measuring for at least {settings.duration_s:.0f} s, in whole simulated "
+                    "minutes of the fleet",
+                )
                 return
             if event["event"] == "extra" and settings.profile is not None:
                 say("ingest", f"measured; py-spy records the service for {_PROFILE_S:.0f} s more")

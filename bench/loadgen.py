@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -58,6 +59,7 @@ class Job:
     service_pid: int | None = None
     progress_s: float = 1.0
     timeout_s: float = 30.0  # per Export call
+    reach_timeout_s: float = 250.0  # fleet: longest wait for a phase's acknowledgements
 
 
 @dataclass
@@ -142,6 +144,8 @@ class Driver:
                     response = await call(export.payload, timeout=self.job.timeout_s)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in _RETRYABLE:
+                        if self.error is not None or time.monotonic() >= self.stop_at:
+                            return
                         tally.retries += 1
                         await asyncio.sleep(0.05)
                         continue
@@ -202,15 +206,34 @@ async def run_fleet(job: Job) -> dict[str, Any]:
     reporter = asyncio.create_task(_progress(driver, job.progress_s, None))
     window: dict[str, float] = {}
 
-    # Requests in one simulated minute of the whole fleet: every node crosses one minute
-    # boundary in any such run of consecutive scrapes.
-    cycle = spec.nodes * max(1, round(60 / spec.interval_s))
+    # Requests in whole simulated minutes of the whole fleet: every node crosses the same
+    # number of minute boundaries in any such run of consecutive scrapes.
+    interval_ms = max(1, round(spec.interval_s * 1000))
+    cycle = spec.nodes * (math.lcm(60_000, interval_ms) // interval_ms)
 
     async def reach(requests: int) -> None:
-        while driver.tally.requests < requests and driver.error is None:
+        deadline = time.monotonic() + job.reach_timeout_s
+        while driver.tally.requests < requests:
+            if driver.error is not None:
+                raise RuntimeError(driver.error)
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the service acknowledged {driver.tally.requests} of {requests} requests "
+                    f"within {job.reach_timeout_s:.0f} s"
+                )
             await asyncio.sleep(0.002)
 
     async def clock() -> None:
+        try:
+            await phases()
+        except Exception as exc:  # e.g. the service died: /proc has no CPU times for it
+            if driver.error is None:
+                driver.error = f"measurement failed: {exc}"
+        finally:
+            if driver.error is not None:
+                driver.stop_at = time.monotonic()  # the workers stop; run() returns
+
+    async def phases() -> None:
         driver.phase = "prime"
         await reach(spec.nodes)
         window["prime_s"] = time.monotonic() - started
@@ -242,11 +265,9 @@ async def run_fleet(job: Job) -> dict[str, Any]:
     try:
         await driver.run()
         if driver.error is None:
-            # Bounded: the window rounds up to whole simulated minutes of the fleet, which at
-            # the slowest rate worth measuring (1,000 resources/s) fits in this.
-            bound = job.warmup_s + job.duration_s + job.extra_s + 5
-            bound += cycle * spec.processes / 1000
-            await asyncio.wait_for(timer, timeout=bound)
+            # The workers stop when the clock ends the window (or fails): by then only the
+            # `extra` load is left on the clock.
+            await asyncio.wait_for(timer, timeout=job.extra_s + 5)
     finally:
         timer.cancel()
         reporter.cancel()

@@ -63,7 +63,8 @@ _HELP = {
     "churn": "share of a node's processes replaced by a new pid at every scrape",
     "concurrency": "Export calls in flight from the load generator",
     "channels": "gRPC connections the load generator spreads its calls over",
-    "warmup_s": "seconds of load after the fleet's first scrape, before measuring",
+    "warmup_s": "seconds of load after the fleet's first scrape, before measuring (which then "
+    "starts at the next whole simulated minute of the fleet)",
     "duration_s": "seconds of measured ingest, at least (rounded up to whole simulated "
     "minutes of the fleet)",
     "parse_requests": "distinct requests the parse-only baseline loops over",

