@@ -55,3 +55,12 @@ def test_files_written_have_a_partitioned_index(tmp_path: Path) -> None:
         assert db.get(b"R" + b"host-3-004999" * 4) == b"x" * 20
     finally:
         db.close()
+
+
+def test_properties_read_zero_once_rocksdb_is_closed(tmp_path: Path) -> None:
+    """Gauges read RocksDB properties on every scrape; a closed handle (shutdown, or a reopen
+    that failed after write errors) must not break /metrics."""
+    db = Database(str(tmp_path), DatabaseOptions(fsync=False))
+    assert db.property_int("rocksdb.estimate-num-keys") == 0
+    db.close()
+    assert db.property_int("rocksdb.block-cache-usage") == 0
