@@ -125,8 +125,10 @@ class AlertStore:
                         record["reason"] = "outbox full"
                     b.put(kind(sink, seq), json.dumps(record).encode())
             b.put(_SEQ_KEY, str(seq).encode())
-            self._db.commit(b)
+            # Taken before the commit: a commit that fails in its WAL sync may still have
+            # applied, and its numbers must never be reused (gaps are harmless).
             self._seq = seq
+            self._db.commit(b)
             return True
 
     def alerts_of(self, tick: TickRecord) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from pathwatch.store.codec import (
     first_seen_of,
 )
 from pathwatch.store.context import ContextIndex
-from pathwatch.store.db import Batch, Database
+from pathwatch.store.db import Batch, Database, StoreError
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory, new_onsets
 
@@ -234,7 +234,13 @@ class FirstSeenStore:
         counts = {r: self.key_count(r) + n for r, n in new_per_rule.items()}
         for r, n in counts.items():
             wb.put(ks.meta_key(f"keys:{r}"), str(n).encode())
-        self._db.commit(wb)
+        try:
+            self._db.commit(wb)
+        except StoreError:
+            # A commit that failed in its WAL sync may still have applied: read the key
+            # counts again from the store rather than trust the ones kept here.
+            self._counts.clear()
+            raise
         self._counts.update(counts)
         for rule_key, rkey, state in staged:
             self._remember(rule_key, rkey, state)
