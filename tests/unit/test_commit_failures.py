@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pathwatch.observations import Sighting
 from pathwatch.store.alertlog import AlertStore
 from pathwatch.store.db import Batch, Database, DatabaseOptions, StoreError
@@ -39,10 +41,8 @@ def test_key_counts_follow_the_store_after_a_commit_that_failed_but_applied(
     try:
         store = FirstSeenStore(db)
         db.fail_next = True
-        try:
+        with pytest.raises(StoreError):
             store.apply({(RULE.id, KEYS[0]): _sighting(NOW - 60_000)}, RETENTION, NOW)
-        except StoreError:
-            pass
         store.apply({(RULE.id, KEYS[1]): _sighting(NOW - 60_000)}, RETENTION, NOW)
         stored = sum(1 for _ in store.scan(RULE.id))
         assert stored == 2
@@ -58,10 +58,8 @@ def test_outbox_sequence_numbers_are_not_reused_after_a_commit_that_failed_but_a
     try:
         alerts = AlertStore(db)
         db.fail_next = True
-        try:
+        with pytest.raises(StoreError):
             alerts.commit_tick(None, [("a1", NOW, {"id": "a1"})], [("hook", "a1", {"id": "a1"})])
-        except StoreError:
-            pass
         alerts.commit_tick(None, [("a2", NOW, {"id": "a2"})], [("hook", "a2", {"id": "a2"})])
         ids = [d.record["alert_id"] for d in alerts.pending("hook")]
         assert ids == ["a1", "a2"]  # the second did not overwrite the first
