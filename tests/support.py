@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +25,10 @@ import yaml
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
+
+from pathwatch.observations import ObservationBatch
+from pathwatch.store import Database, FirstSeenStore, Retention
+from pathwatch.store.firstseen import ApplyResult
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -333,3 +337,22 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) ->
 def pairs(it: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
     items = list(it)
     return zip(items[::2], items[1::2], strict=True)
+
+
+class GatedStore(FirstSeenStore):
+    """A real RocksDB store whose writes wait while the gate is closed: a stalled disk.
+    `entered` is set once a write has begun."""
+
+    def __init__(self, db: Database, gate_open: bool = True) -> None:
+        super().__init__(db)
+        self.gate = threading.Event()
+        if gate_open:
+            self.gate.set()
+        self.entered = threading.Event()
+
+    def apply(
+        self, batch: ObservationBatch, retention: Mapping[str, Retention], now_ms: int
+    ) -> ApplyResult:
+        self.entered.set()
+        self.gate.wait(30)
+        return super().apply(batch, retention, now_ms)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,35 +14,17 @@ from grpc_status import rpc_status
 
 from pathwatch.clock import SystemClock
 from pathwatch.config.model import GrpcReceiverConfig
-from pathwatch.observations import ObservationBatch
 from pathwatch.receiver import Decoder, OtlpGrpcReceiver, TimeBounds
 from pathwatch.rules.builtin import PARITY_RULE
-from pathwatch.store import Database, FirstSeenStore, IngestWriter, Retention, WriterConfig
-from pathwatch.store.firstseen import ApplyResult
+from pathwatch.store import Database, IngestWriter, Retention, WriterConfig
 from pathwatch.telemetry.metrics import Metrics
-from tests.support import Proc, export, process_request
-
-
-class GatedStore(FirstSeenStore):
-    """A real RocksDB store whose writes wait for a gate: a disk that has stalled."""
-
-    def __init__(self, db: Database) -> None:
-        super().__init__(db)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def apply(
-        self, batch: ObservationBatch, retention: Mapping[str, Retention], now_ms: int
-    ) -> ApplyResult:
-        self.entered.set()
-        self.gate.wait(30)
-        return super().apply(batch, retention, now_ms)
+from tests.support import GatedStore, Proc, export, process_request
 
 
 @pytest.fixture
 def stalled(tmp_path: Path) -> Iterator[tuple[OtlpGrpcReceiver, GatedStore]]:
     db = Database(str(tmp_path / "db"))
-    store = GatedStore(db)
+    store = GatedStore(db, gate_open=False)
     clock = SystemClock()
     metrics = Metrics()
     retention = {PARITY_RULE.id: Retention(horizon_minutes=31 * 1440)}

@@ -15,7 +15,7 @@ import time
 import tracemalloc
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,12 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 
 from pathwatch.access import BearerToken, TlsFiles
 from pathwatch.clock import SystemClock
-from pathwatch.observations import ObservationBatch
 from pathwatch.receiver import Decoder, TimeBounds
 from pathwatch.receiver.http_server import HttpReceiverConfig, OtlpHttpReceiver
 from pathwatch.rules.builtin import PARITY_RULE
-from pathwatch.store import Database, FirstSeenStore, IngestWriter, Retention, WriterConfig
-from pathwatch.store.firstseen import ApplyResult
+from pathwatch.store import Database, IngestWriter, Retention, WriterConfig
 from pathwatch.telemetry.metrics import Metrics
-from tests.support import FIXTURES, RULE, Proc, fixture_request, process_request
+from tests.support import FIXTURES, RULE, GatedStore, Proc, fixture_request, process_request
 
 pytestmark = pytest.mark.integration
 
@@ -48,23 +46,6 @@ TOKEN = "http-ingest-token"
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class GatedStore(FirstSeenStore):
-    """A real RocksDB store whose writes wait while the gate is closed: a stalled disk."""
-
-    def __init__(self, db: Database) -> None:
-        super().__init__(db)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-
-    def apply(
-        self, batch: ObservationBatch, retention: Mapping[str, Retention], now_ms: int
-    ) -> ApplyResult:
-        self.entered.set()
-        self.gate.wait(30)
-        return super().apply(batch, retention, now_ms)
 
 
 @dataclass
