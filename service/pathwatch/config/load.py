@@ -239,9 +239,33 @@ def validate(config: Config) -> None:
         raise ConfigError("receiver.http.max_receive_message_size: must be at least 1MiB")
     if http_receiver.max_concurrent_requests < 1:
         raise ConfigError("receiver.http.max_concurrent_requests: must be at least 1")
+    if http_receiver.max_concurrent_json_decodes < 1:
+        raise ConfigError("receiver.http.max_concurrent_json_decodes: must be at least 1")
+    if http_receiver.read_timeout <= 0:
+        raise ConfigError("receiver.http.read_timeout: must be positive")
+    if config.http.read_timeout <= 0:
+        raise ConfigError("http.read_timeout: must be positive")
+    if config.http.max_concurrent_requests < 1:
+        raise ConfigError("http.max_concurrent_requests: must be at least 1")
+    if config.receiver.grpc.max_concurrent_streams < 1:
+        raise ConfigError("receiver.grpc.max_concurrent_streams: must be at least 1")
+    for where, tls in (
+        ("receiver.grpc.tls", config.receiver.grpc.tls),
+        ("receiver.http.tls", config.receiver.http.tls),
+    ):
+        if tls.require_host_match and not tls.client_ca_file:
+            raise ConfigError(
+                f"{where}.require_host_match: needs {where}.client_ca_file (mTLS): the host "
+                "name is checked against the client certificate"
+            )
     if config.store.max_pending_keys < 1:
         raise ConfigError("store.max_pending_keys: must be at least 1")
-    for name in ("new_keys_per_host_per_hour", "new_keys_per_hour", "max_alerts_per_tick"):
+    for name in (
+        "new_keys_per_host_per_hour",
+        "new_keys_per_sender_per_hour",
+        "new_keys_per_hour",
+        "max_alerts_per_tick",
+    ):
         if getattr(config.limits, name) < 0:
             raise ConfigError(f"limits.{name}: must be 0 (off) or positive")
     if not config.data_dir:

@@ -21,6 +21,9 @@ class TlsConfig:
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = None
+    # With client_ca_file (mTLS): refuse a resource whose host.name matches no DNS SAN (nor the
+    # CN) of the client certificate, so a compromised node cannot write other nodes' history.
+    require_host_match: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,16 @@ class GrpcReceiverConfig:
     # How long an Export waits for its observations to become durable before answering
     # UNAVAILABLE (the collector then retries; presence is idempotent, so a retry is harmless).
     ack_timeout: Duration = Duration(10.0)
+    # Streams one client connection may hold open at once (the collector runs up to 10
+    # concurrent exports); past it the client queues, so half-open streams of one connection
+    # cannot take every worker.
+    max_concurrent_streams: int = 16
+    # Clients that ping more often than this are disconnected (keepalive enforcement).
+    keepalive_min_time: Duration = Duration(10.0)
+    # Connections are closed after this age (plus a grace period for RPCs in flight), so that
+    # no connection is held forever; the collector reconnects at once.
+    max_connection_age: Duration = Duration(600.0)
+    max_connection_idle: Duration = Duration(300.0)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -55,6 +68,12 @@ class HttpReceiverConfig:
     ack_timeout: Duration = Duration(10.0)
     # Connections served at once (a thread each); past it, 503 + Retry-After.
     max_concurrent_requests: int = 32
+    # OTLP/JSON costs ~10x its size in memory to decode: its own decompressed-size limit (413
+    # past it) and a bound on JSON bodies decoded at once (503 + Retry-After past it).
+    max_json_message_size: ByteSize = ByteSize(8 << 20)
+    max_concurrent_json_decodes: int = 2
+    # A request must send its headers and body within this (slow senders are cut off, 408).
+    read_timeout: Duration = Duration(10.0)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -64,6 +83,10 @@ class ReceiverConfig:
     grpc: GrpcReceiverConfig = field(default_factory=GrpcReceiverConfig)
     http: HttpReceiverConfig = field(default_factory=HttpReceiverConfig)
     max_future_skew: Duration = Duration(300.0)
+    # A point arriving later than this after its timestamp is stored and can make a key new,
+    # but never counts as baseline (it cannot hide a key). 0s trusts every timestamp, as the
+    # reference search does: use it only to replay history over OTLP.
+    max_baseline_lateness: Duration = Duration(3600.0)
     max_key_field_bytes: int = 4096
     # Distinct resources whose decoded key fields are remembered (a process's resource
     # attributes repeat every scrape). Bounded memory; a miss re-decodes the resource.
@@ -76,7 +99,13 @@ class ReceiverConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    listen: str = "0.0.0.0:8080"
+    # Loopback by default: the API lists every alert and the process inventory. The chart
+    # binds 0.0.0.0 behind its NetworkPolicy and a bearer token.
+    listen: str = "127.0.0.1:8080"
+    # Socket timeout per request (headers, body, and writing the response).
+    read_timeout: Duration = Duration(10.0)
+    # Requests served at once (a thread each); past it, 503 + Retry-After.
+    max_concurrent_requests: int = 16
     tls: TlsConfig = field(default_factory=TlsConfig)
     # The token guards /api/; /healthz, /readyz and /metrics stay open for probes and
     # Prometheus unless protect_probes is true.
@@ -112,8 +141,12 @@ class LimitsConfig:
     are not tracked and one summary alert per host and hour says so; past max_alerts_per_tick,
     the remaining alerts of that tick are recorded and summarised in one alert."""
 
-    new_keys_per_host_per_hour: int = 10_000
-    new_keys_per_hour: int = 1_000_000
+    # Every new-key budget is charged to the sender (the client address, or its certificate
+    # identity under mTLS): one sender cannot exhaust the budget of a host or of the fleet for
+    # the others. A refused key is still listed in the cap's summary alert.
+    new_keys_per_host_per_hour: int = 10_000  # per (sender, host)
+    new_keys_per_sender_per_hour: int = 100_000  # per sender, over all its hosts
+    new_keys_per_hour: int = 1_000_000  # whole fleet
     max_alerts_per_tick: int = 1_000
 
 

@@ -41,14 +41,40 @@ class Metrics:
         self.resources = self._counter(
             "pathwatch_resources_total",
             "Resources received, by outcome: tracked (a key for at least one rule), untracked "
-            "(process metrics but a key field missing or empty), ignored (no process metrics).",
-            ("outcome",),
+            "(process metrics but no key), ignored (no process metrics); untracked is split by "
+            "reason (missing_field, unsupported_type, too_long, invalid, host_mismatch); "
+            "reason is empty for the other outcomes.",
+            ("outcome", "reason"),
         )
         self.data_points = self._counter(
             "pathwatch_data_points_total",
             "Data points of tracked metrics, by outcome: accepted, too_old, too_far_in_future, "
-            "key_too_long.",
+            "zero_timestamp, key_too_long, host_mismatch.",
             ("outcome",),
+        )
+        self.late_points = self._counter(
+            "pathwatch_late_observations_total",
+            "Observations of a new minute of a key that arrived late, by outcome: untrusted "
+            "(later than receiver.max_baseline_lateness: never counts as baseline), after_tick "
+            "(in the window of a tick that already ran: checked again at the next tick).",
+            ("outcome",),
+        )
+        self.late_alerts = self._counter(
+            "pathwatch_late_alerts_total",
+            "Alerts raised for late data at the tick after it arrived (marked late), by rule.",
+            ("rule",),
+        )
+        self.receiver_overload = self._counter(
+            "pathwatch_receiver_overload_total",
+            "Requests answered 'retry later' because a receiver bound was reached, by receiver "
+            "(grpc, http, admin) and reason (workers, json_decodes, connections, read_timeout).",
+            ("receiver", "reason"),
+        )
+        self.token_reload_failures = self._counter(
+            "pathwatch_token_reload_failures_total",
+            "Bearer token files that were missing or empty when re-read; the last good token "
+            "stays in force.",
+            ("listener",),
         )
         self.export_bytes = Histogram(
             "pathwatch_export_request_bytes",
@@ -163,7 +189,8 @@ class Metrics:
         )
         self.key_limit_hits = self._counter(
             "pathwatch_key_limit_hits_total",
-            "New-key limits reached, by scope (host, fleet); each raises one summary alert.",
+            "New-key limits reached, by scope (host, sender, fleet); each raises one summary "
+            "alert that lists the refused keys.",
             ("scope",),
         )
         self.last_tick = self._gauge(
