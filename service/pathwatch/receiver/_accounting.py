@@ -11,9 +11,7 @@ from pathwatch.telemetry.metrics import Metrics
 def count_decoded(metrics: Metrics, result: DecodeResult) -> None:
     m = metrics
     m.resources.labels(outcome="tracked", reason="").inc(result.resources_tracked)
-    m.resources.labels(outcome="untracked", reason="missing_field").inc(
-        result.resources_untracked
-    )
+    m.resources.labels(outcome="untracked", reason="missing_field").inc(result.resources_untracked)
     m.resources.labels(outcome="ignored", reason="").inc(result.resources_ignored)
     m.data_points.labels(outcome="accepted").inc(result.points_accepted)
     m.data_points.labels(outcome="too_old").inc(result.points_too_old)
@@ -21,14 +19,19 @@ def count_decoded(metrics: Metrics, result: DecodeResult) -> None:
     m.data_points.labels(outcome="key_too_long").inc(result.points_key_too_long)
 
 
-def write_durably(writer: IngestWriter, result: DecodeResult, timeout: float) -> tuple[bool, str]:
+def write_durably(
+    writer: IngestWriter, result: DecodeResult, timeout: float, sender: str = ""
+) -> tuple[bool, str]:
     """Submit the decoded batch and wait up to `timeout` s for it to be durable.
+
+    `sender` names who sent it (client address, or certificate identity under mTLS): new-key
+    budgets are charged to it.
 
     Returns (overloaded, problem): problem is "" on success; overloaded is True when the write
     queue refused the batch (both cases are retryable for the sender).
     """
     try:
-        ticket = writer.submit(result.batch, result.marks)
+        ticket = writer.submit(result.batch, result.marks, sender=sender)
     except Backpressure as exc:
         return True, f"pathwatch is overloaded: {exc}"
     if not ticket.wait(max(0.0, timeout)) or ticket.error is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -81,6 +82,18 @@ class TimeBounds:
 
     oldest_ms: int
     newest_ms: int
+
+
+def rejection_message(result: DecodeResult, bounds: TimeBounds) -> str:
+    parts = []
+    if result.points_too_old:
+        oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bounds.oldest_ms / 1000))
+        parts.append(f"{result.points_too_old} older than the retention horizon ({oldest})")
+    if result.points_future:
+        parts.append(f"{result.points_future} timestamped too far in the future")
+    if result.points_key_too_long:
+        parts.append(f"{result.points_key_too_long} from resources with an oversized key attribute")
+    return f"pathwatch rejected {result.points_rejected} data points: " + "; ".join(parts)
 
 
 class _BoundedCache:
@@ -212,8 +225,13 @@ class Decoder:
     ) -> DecodeResult:
         return self.decode(request.SerializeToString(), bounds)
 
-    def decode(self, data: bytes, bounds: TimeBounds) -> DecodeResult:
-        """Decode `data`. Raises InvalidRequest when it is not a valid request message."""
+    def decode(
+        self, data: bytes, bounds: TimeBounds, host_filter: Callable[[str], bool] | None = None
+    ) -> DecodeResult:
+        """Decode `data`. Raises InvalidRequest when it is not a valid request message.
+
+        With `host_filter`, a resource whose host.name it refuses is not stored (its points are
+        rejected: identity binding under mTLS)."""
         if self._durable is not None and self._rules:
             known = self._decode_known(data, bounds)
             if known is not None:

@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.config.model import GrpcReceiverConfig
 from pathwatch.receiver._accounting import count_decoded, write_durably
-from pathwatch.receiver.decode import Decoder, DecodeResult, InvalidRequest, TimeBounds
+from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds, rejection_message
 from pathwatch.store.writer import IngestWriter
 from pathwatch.telemetry.metrics import Metrics
 
@@ -42,18 +42,6 @@ def _retry_status(message: str, delay_s: int = _RETRY_DELAY_S) -> grpc.Status:
     return rpc_status.to_status(
         status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message, details=[detail])
     )
-
-
-def rejection_message(result: DecodeResult, bounds: TimeBounds) -> str:
-    parts = []
-    if result.points_too_old:
-        oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bounds.oldest_ms / 1000))
-        parts.append(f"{result.points_too_old} older than the retention horizon ({oldest})")
-    if result.points_future:
-        parts.append(f"{result.points_future} timestamped too far in the future")
-    if result.points_key_too_long:
-        parts.append(f"{result.points_key_too_long} from resources with an oversized key attribute")
-    return f"pathwatch rejected {result.points_rejected} data points: " + "; ".join(parts)
 
 
 def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
@@ -194,7 +182,7 @@ class OtlpGrpcReceiver:
             if remaining is None
             else min(self._config.ack_timeout, remaining)
         )
-        _, problem = write_durably(self._writer, result, wait)
+        _, problem = write_durably(self._writer, result, wait, sender=context.peer() or "")
         if problem:
             metrics.export_requests.labels(outcome="unavailable").inc()
             context.abort_with_status(_retry_status(problem))

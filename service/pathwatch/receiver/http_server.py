@@ -48,8 +48,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
 from pathwatch.config.model import HttpReceiverConfig
 from pathwatch.receiver._accounting import count_decoded, write_durably
-from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds
-from pathwatch.receiver.grpc_server import rejection_message
+from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds, rejection_message
 from pathwatch.store.writer import IngestWriter
 from pathwatch.telemetry.metrics import Metrics
 
@@ -430,7 +429,9 @@ class _Handler(BaseHTTPRequestHandler):
             result = receiver._decoder.decode(raw, bounds)
         except InvalidRequest as exc:
             raise _Reject(400, str(exc), bad_request=True) from None
-        overloaded, problem = write_durably(receiver._writer, result, float(config.ack_timeout))
+        overloaded, problem = write_durably(
+            receiver._writer, result, float(config.ack_timeout), sender=str(self.client_address[0])
+        )
         if problem:
             status = 429 if overloaded else 503
             raise _Reject(status, problem, "unavailable", retry_after=_RETRY_AFTER_S)

@@ -107,7 +107,9 @@ class IngestWriter:
         self._thread = threading.Thread(target=self._run, name="pathwatch-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: ObservationBatch, marks: Sequence[Mark] = ()) -> Ticket:
+    def submit(
+        self, batch: ObservationBatch, marks: Sequence[Mark] = (), sender: str = ""
+    ) -> Ticket:
         """Queue `batch` for a durable write. Never blocks; raises Backpressure when full.
 
         Once the write is durable, `marks` (resources seen in one minute) go to the
