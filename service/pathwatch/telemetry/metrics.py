@@ -41,10 +41,18 @@ class Metrics:
         self.resources = self._counter(
             "pathwatch_resources_total",
             "Resources received, by outcome: tracked (a key for at least one rule), untracked "
-            "(process metrics but no key), ignored (no process metrics); untracked is split by "
-            "reason (missing_field, unsupported_type, too_long, invalid, host_mismatch); "
-            "reason is empty for the other outcomes.",
-            ("outcome", "reason"),
+            "(process metrics but no key: see pathwatch_resources_untracked_total for why), "
+            "ignored (no process metrics).",
+            ("outcome",),
+        )
+        self.resources_untracked = self._counter(
+            "pathwatch_resources_untracked_total",
+            "Resources with process metrics that yield no key, by reason: missing_field (a key "
+            "field absent or empty), unsupported_type (a key field of a type other than string, "
+            "int, bool or double), too_long (a key field over receiver.max_key_field_bytes), "
+            "invalid (Resource bytes that do not decode), host_mismatch (host.name not in the "
+            "client certificate, require_host_match).",
+            ("reason",),
         )
         self.data_points = self._counter(
             "pathwatch_data_points_total",
