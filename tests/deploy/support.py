@@ -28,6 +28,11 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # OTLP/HTTP (receiver.http.listen) and admin HTTP (http.listen), pathwatch's default listen ports.
 PORTS = {"grpc": 4317, "otlp-http": 4318, "http": 8080}
 
+# Where the chart and deploy/pathwatch.yaml mount the admin API's token (a Secret's key
+# "token"), the file config http.auth.bearer_token_file names; and a token to put there.
+API_TOKEN_FILE = "/etc/pathwatch-api-token/token"
+API_TOKEN = {API_TOKEN_FILE: "an-api-token-for-check-config"}
+
 # A well-formed Standard Webhooks secret, for configs whose webhook sink reads secret_env.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"pathwatch deploy test key").decode()
 
@@ -53,9 +58,21 @@ def validate_kubernetes(obj: Manifest) -> None:
 
 
 def check_config(
-    text: str, tmp_path: Path, secrets: Mapping[str, str] | None = None
+    text: str,
+    tmp_path: Path,
+    secrets: Mapping[str, str] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`pathwatch check-config` on `text`, with no PATHWATCH_* variables but `secrets`."""
+    """`pathwatch check-config` on `text`, with no PATHWATCH_* variables but `secrets`.
+
+    `files` maps a path the config names inside the container (a mounted Secret's file) to
+    the content it has there: each is written under `tmp_path` and the config points to it.
+    """
+    for n, (mounted, content) in enumerate((files or {}).items()):
+        local = tmp_path / f"mounted-{n}"
+        local.write_text(content, encoding="utf-8")
+        assert mounted in text, f"{mounted} is not in the config"
+        text = text.replace(mounted, str(local))
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATHWATCH_")}

@@ -14,6 +14,8 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 
 from pathwatch.config.model import GrpcReceiverConfig
 from tests.deploy.support import (
+    API_TOKEN,
+    API_TOKEN_FILE,
     CHART,
     DEPLOY,
     PORTS,
@@ -256,7 +258,7 @@ def test_plain_manifests_config_is_valid_for_pathwatch(
 ) -> None:
     """The ConfigMap's config.yaml passes `pathwatch check-config`."""
     text = one(pathwatch_objects, "ConfigMap")["data"]["config.yaml"]
-    result = check_config(text, tmp_path)
+    result = check_config(text, tmp_path, files=API_TOKEN)
     assert result.returncode == 0, result.stderr
     assert "data_dir=/var/lib/pathwatch" in result.stdout
 
@@ -299,13 +301,82 @@ def test_plain_manifests_match_the_chart_defaults(pathwatch_objects: list[Manife
     chart = helm_python.Chart.load(CHART)
     files = chart.render(None, name="pathwatch", namespace="pathwatch", is_install=True)
     rendered = [o for name, t in files.items() if name.endswith(".yaml") for o in load_manifests(t)]
-    for kind in ("ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"):
+    for kind in ("ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"):
         plain = strip_helm(one(pathwatch_objects, kind))
         chart_obj = strip_helm(one(rendered, kind))
         chart_obj["metadata"].pop("namespace", None)
         assert plain == chart_obj, kind
     assert by_kind(pathwatch_objects, "ServiceAccount") == []
+    # The chart generates the token Secret; the plain manifests leave it to a command.
+    assert by_kind(pathwatch_objects, "Secret") == []
+    assert one(rendered, "Secret")["metadata"]["name"] == "pathwatch-api-token"
     deployment = one(pathwatch_objects, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert one(pathwatch_objects, "Service")["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_plain_manifests_admit_collectors_and_prometheus_by_namespace_and_label(
+    pathwatch_objects: list[Manifest], agent_objects: list[Manifest]
+) -> None:
+    """deploy/pathwatch.yaml has a valid NetworkPolicy selecting the pathwatch pod: OTLP only
+    from the agent DaemonSet's pods in namespace pathwatch-agent, the admin port only from
+    Prometheus pods in namespace monitoring, each peer by namespace AND label."""
+    policy = one(pathwatch_objects, "NetworkPolicy")
+    validate_kubernetes(policy)
+    pod_labels = one(pathwatch_objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    peers: dict[str, list[dict[str, Any]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits everyone"
+        for port in rule["ports"]:
+            peers[port["port"]] = rule["from"]
+    assert peers.keys() == {"grpc", "otlp-http", "http"}
+    agent_labels = one(agent_objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    (collectors,) = peers["grpc"]
+    assert peers["otlp-http"] == peers["grpc"]
+    assert collectors["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "pathwatch-agent"}
+    }
+    assert collectors["podSelector"]["matchLabels"]
+    assert collectors["podSelector"]["matchLabels"].items() <= agent_labels.items()
+    (prometheus,) = peers["http"]
+    assert prometheus == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    # The agent's header tells to apply it into the namespace the policy admits.
+    assert "kubectl apply -n pathwatch-agent" in DAEMONSET.read_text(encoding="utf-8")
+
+
+def test_plain_manifests_guard_the_api_with_a_token_from_a_secret(
+    pathwatch_objects: list[Manifest], tmp_path: Path
+) -> None:
+    """config.yaml binds the admin API to every interface with http.auth.bearer_token_file
+    naming the key of Secret pathwatch-api-token mounted read-only; the file's header gives the
+    command that creates the Secret with a random token and the one that reads it back."""
+    config = yaml.safe_load(one(pathwatch_objects, "ConfigMap")["data"]["config.yaml"])
+    assert config["http"] == {
+        "listen": "0.0.0.0:8080",
+        "auth": {"bearer_token_file": API_TOKEN_FILE},
+    }
+    assert "protect_probes" not in config["http"]
+    pod = one(pathwatch_objects, "Deployment")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    directory, _, key = API_TOKEN_FILE.rpartition("/")
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == directory]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "pathwatch-api-token"
+    assert volume["secret"]["items"] == [{"key": key, "path": key}]
+    assert {c[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")} == {
+        "/healthz",
+        "/readyz",
+    }
+    header = PATHWATCH.read_text(encoding="utf-8").split("\napiVersion:", 1)[0]
+    assert "create secret generic pathwatch-api-token" in header
+    assert '--from-literal=token="$(head -c 32 /dev/urandom' in header
+    assert "get secret pathwatch-api-token -o jsonpath='{.data.token}' | base64 -d" in header
+    result = check_config(yaml.safe_dump(config), tmp_path, files=API_TOKEN)
+    assert result.returncode == 0, result.stderr

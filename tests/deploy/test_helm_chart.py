@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -18,6 +19,8 @@ import yaml
 from pathwatch.config import Config
 from pathwatch.telemetry.metrics import Metrics
 from tests.deploy.support import (
+    API_TOKEN,
+    API_TOKEN_FILE,
     CHART,
     CRD_KINDS,
     DEPLOY,
@@ -175,13 +178,15 @@ def test_chart_lints_without_warnings(values: dict[str, Any] | None) -> None:
 
 
 def test_default_install_creates_the_core_objects(default: list[Manifest]) -> None:
-    """With default values: ConfigMap, PVC, ServiceAccount, Service and Deployment, nothing
-    that needs the Prometheus Operator."""
+    """With default values: ConfigMap, PVC, ServiceAccount, Service, Deployment, the
+    NetworkPolicy and the admin token's Secret, nothing that needs the Prometheus Operator."""
     kinds = sorted(o["kind"] for o in default)
     assert kinds == [
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "PersistentVolumeClaim",
+        "Secret",
         "Service",
         "ServiceAccount",
     ]
@@ -332,7 +337,7 @@ def test_empty_http_receiver_listen_turns_the_otlp_http_port_off(
     notes = render_files(chart, values)["NOTES.txt"]
     assert "otlphttp" not in notes
     assert ":4318" not in notes
-    result = check_config(text, tmp_path)
+    result = check_config(text, tmp_path, files=API_TOKEN)
     assert result.returncode == 0, result.stderr
 
 
@@ -393,6 +398,118 @@ def test_token_protected_probes_are_refused_while_probes_are_on(chart: helm_pyth
     assert "livenessProbe" not in container(objects)
 
 
+# -- the admin API token ----------------------------------------------------------------------
+
+
+def token_volume(objects: list[Manifest]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The container's mount of the file http.auth.bearer_token_file names, and its volume."""
+    token_file = yaml.safe_load(config_text(objects))["http"]["auth"]["bearer_token_file"]
+    directory, _, key = token_file.rpartition("/")
+    (mount,) = [m for m in container(objects)["volumeMounts"] if m["mountPath"] == directory]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod_spec(objects)["volumes"] if v["name"] == mount["name"]]
+    assert [(i["key"], i["path"]) for i in volume["secret"]["items"]] == [(key, key)]
+    return mount, volume
+
+
+def test_admin_api_is_guarded_by_a_generated_token_by_default(
+    chart: helm_python.Chart, default: list[Manifest], tmp_path: Path
+) -> None:
+    """Without adminToken values the chart creates a Secret with a random 32-character token,
+    mounts it read-only and points http.auth.bearer_token_file at it; the admin API listens on
+    every interface (pathwatch's own default is loopback) and the config passes check-config."""
+    secret = one(default, "Secret")
+    validate_kubernetes(secret)
+    assert secret["metadata"]["name"] == f"{FULLNAME}-api-token"
+    assert secret["type"] == "Opaque"
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", token), token
+    again = base64.b64decode(one(render(chart), "Secret")["data"]["token"]).decode()
+    assert again != token, "the token must be random, not a constant of the chart"
+    mount, volume = token_volume(default)
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert f"{mount['mountPath']}/token" == API_TOKEN_FILE
+    config = yaml.safe_load(config_text(default))
+    assert config["http"] == {
+        "listen": "0.0.0.0:8080",
+        "auth": {"bearer_token_file": API_TOKEN_FILE},
+    }
+    assert Config().http.listen.startswith("127.0.0.1:")
+    result = check_config(config_text(default), tmp_path, files={API_TOKEN_FILE: token})
+    assert result.returncode == 0, result.stderr
+
+
+def test_probes_and_metrics_stay_open_with_the_token(default: list[Manifest]) -> None:
+    """The token guards /api/ only: the probes ask /healthz and /readyz without credentials,
+    and protect_probes is not set (the kubelet and Prometheus cannot send the token)."""
+    c = container(default)
+    assert {
+        c[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")
+    } == {
+        "/healthz",
+        "/readyz",
+    }
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "httpHeaders" not in c[probe]["httpGet"]
+    config = yaml.safe_load(config_text(default))
+    assert config["http"]["auth"] == {"bearer_token_file": API_TOKEN_FILE}
+    assert "protect_probes" not in config["http"]
+
+
+def test_admin_token_value_is_stored_in_the_secret(chart: helm_python.Chart) -> None:
+    """adminToken.value is the token the chart's Secret holds."""
+    objects = render(chart, {"adminToken": {"value": "s3cr3t-t0ken"}})
+    secret = one(objects, "Secret")
+    assert base64.b64decode(secret["data"]["token"]) == b"s3cr3t-t0ken"
+    assert token_volume(objects)[1]["secret"]["secretName"] == secret["metadata"]["name"]
+
+
+def test_existing_secret_is_mounted_and_none_is_created(chart: helm_python.Chart) -> None:
+    """adminToken.existingSecret (and its key) is mounted and named by bearer_token_file; the
+    chart creates no Secret of its own."""
+    values = {"adminToken": {"existingSecret": "soc-api-token", "existingSecretKey": "api"}}
+    objects = render(chart, values)
+    assert by_kind(objects, "Secret") == []
+    mount, volume = token_volume(objects)
+    assert volume["secret"]["secretName"] == "soc-api-token"
+    config = yaml.safe_load(config_text(objects))
+    assert config["http"]["auth"] == {"bearer_token_file": f"{mount['mountPath']}/api"}
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            validate_kubernetes(obj)
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert "get secret soc-api-token -o jsonpath='{.data.api}' | base64 -d" in notes
+
+
+def test_own_http_auth_or_disabling_skips_the_chart_token(chart: helm_python.Chart) -> None:
+    """A token source in config.http.auth wins (no Secret, no mount, the user's auth kept);
+    adminToken.enabled false leaves /api/ open and NOTES.txt warns."""
+    own = {"config": {"http": {"auth": {"bearer_token_env": "API_TOKEN"}}}}
+    objects = render(chart, {**own, "adminToken": {"enabled": True}})
+    assert by_kind(objects, "Secret") == []
+    assert "api-token" not in {v["name"] for v in pod_spec(objects)["volumes"]}
+    assert yaml.safe_load(config_text(objects))["http"]["auth"] == {"bearer_token_env": "API_TOKEN"}
+    values = {"adminToken": {"enabled": False}}
+    objects = render(chart, values)
+    assert by_kind(objects, "Secret") == []
+    assert "auth" not in yaml.safe_load(config_text(objects))["http"]
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert "WARNING: adminToken.enabled is false" in notes
+
+
+def test_notes_tell_how_to_read_the_token(chart: helm_python.Chart) -> None:
+    """NOTES.txt gives the kubectl command that prints the generated token and a curl call
+    of the API with it."""
+    notes = render_files(chart)["NOTES.txt"]
+    assert (
+        f"kubectl -n {NAMESPACE} get secret {FULLNAME}-api-token "
+        "-o jsonpath='{.data.token}' | base64 -d"
+    ) in notes
+    assert '/api/v1/alerts -H "Authorization: Bearer $TOKEN"' in notes
+    assert "WARNING" not in notes
+
+
 # -- the Service ------------------------------------------------------------------------------
 
 
@@ -416,8 +533,8 @@ def test_service_exposes_otlp_grpc_otlp_http_and_admin_http(default: list[Manife
 
 
 def test_default_config_is_valid_for_pathwatch(default: list[Manifest], tmp_path: Path) -> None:
-    """The ConfigMap's config.yaml parses as YAML, holds the chart defaults and passes
-    `pathwatch check-config`."""
+    """The ConfigMap's config.yaml parses as YAML, holds the chart defaults (the admin API on
+    every interface, guarded by the mounted token) and passes `pathwatch check-config`."""
     text = config_text(default)
     assert yaml.safe_load(text) == {
         "data_dir": "/var/lib/pathwatch",
@@ -425,9 +542,9 @@ def test_default_config_is_valid_for_pathwatch(default: list[Manifest], tmp_path
             "grpc": {"listen": "0.0.0.0:4317"},
             "http": {"listen": "0.0.0.0:4318"},
         },
-        "http": {"listen": "0.0.0.0:8080"},
+        "http": {"listen": "0.0.0.0:8080", "auth": {"bearer_token_file": API_TOKEN_FILE}},
     }
-    result = check_config(text, tmp_path)
+    result = check_config(text, tmp_path, files=API_TOKEN)
     assert result.returncode == 0, result.stderr
     assert "config OK: data_dir=/var/lib/pathwatch" in result.stdout
 
@@ -448,7 +565,7 @@ def test_custom_config_merges_over_defaults_and_is_valid(
     assert config["http"]["listen"] == "0.0.0.0:8080"
     assert config["sinks"] == CUSTOM["config"]["sinks"]
     assert config["store"]["cache_keys"] == 200000
-    result = check_config(text, tmp_path, SECRETS)
+    result = check_config(text, tmp_path, SECRETS, files=API_TOKEN)
     assert result.returncode == 0, result.stderr
     assert "2 sink(s)" in result.stdout
 
@@ -459,7 +576,7 @@ def test_check_config_rejects_a_sink_whose_secret_is_missing(
     """Without the Secret-provided variable, pathwatch refuses the webhook sink: the secretEnv
     wiring is what makes the custom config start."""
     secrets = {k: v for k, v in SECRETS.items() if k != "PATHWATCH_WEBHOOK_SECRET"}
-    result = check_config(config_text(custom), tmp_path, secrets)
+    result = check_config(config_text(custom), tmp_path, secrets, files=API_TOKEN)
     assert result.returncode == 2
     assert "PATHWATCH_WEBHOOK_SECRET" in result.stderr
 
@@ -565,6 +682,12 @@ def test_without_persistence_the_data_dir_is_ephemeral_and_notes_warn(
         ({"service": {"ports": {"otlpHttp": 70000}}}, "/service/ports/otlpHttp"),
         ({"service": {"ports": {"otlp_http": 4318}}}, "otlp_http"),
         ({"servicemonitor": {"enabled": True}}, "servicemonitor"),
+        ({"adminToken": {"value": "two words"}}, "/adminToken/value"),
+        ({"adminToken": {"existingSecret": "Not_A_Name"}}, "/adminToken/existingSecret"),
+        ({"networkPolicy": {"collectors": {"namespace": "Agents"}}}, "/networkPolicy/collectors"),
+        ({"networkPolicy": {"prometheus": {"enabled": "yes"}}}, "/networkPolicy/prometheus"),
+        # An empty peer admits every source.
+        ({"networkPolicy": {"ingress": {"grpcFrom": [{}]}}}, "/networkPolicy/ingress/grpcFrom/0"),
     ],
 )
 def test_schema_rejects_bad_values(
@@ -806,6 +929,130 @@ def test_alerts_fire_on_their_conditions(custom: list[Manifest], tmp_path: Path)
 # -- NetworkPolicy ----------------------------------------------------------------------------
 
 
+def namespace_named(name: str) -> dict[str, Any]:
+    """The namespaceSelector that matches exactly the namespace `name`."""
+    return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+
+def peers_by_port(policy: Manifest) -> dict[str, list[dict[str, Any]]]:
+    """Port name -> the peers its ingress rule admits. A rule without `from` would admit every
+    source: fail on it."""
+    peers: dict[str, list[dict[str, Any]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), f"ingress rule {rule} admits every source"
+        for port in rule["ports"]:
+            peers[port["port"]] = rule["from"]
+    return peers
+
+
+def assert_namespace_and_label(peer: dict[str, Any]) -> None:
+    """`peer` selects by one namespace's name AND by pod labels in the same entry."""
+    (name,) = peer["namespaceSelector"]["matchLabels"].values()
+    assert peer["namespaceSelector"] == namespace_named(name), peer
+    assert peer["podSelector"]["matchLabels"], peer
+
+
+def test_default_network_policy_admits_by_namespace_and_label(default: list[Manifest]) -> None:
+    """The policy is on by default. OTLP (grpc, otlp-http) is admitted only from pods labelled
+    as the agent DaemonSet's in namespace pathwatch-agent, the admin port only from Prometheus
+    pods in namespace monitoring; no peer is a bare `namespaceSelector: {}` (every namespace)."""
+    policy = one(default, "NetworkPolicy")
+    validate_kubernetes(policy)
+    pod_labels = one(default, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    peers = peers_by_port(policy)
+    assert peers.keys() == {"grpc", "otlp-http", "http"}
+    for port_peers in peers.values():
+        for peer in port_peers:
+            assert peer.get("namespaceSelector") != {}, peer
+            assert_namespace_and_label(peer)
+    agent = yaml.safe_load_all((DEPLOY / "collector" / "daemonset.yaml").read_text())
+    daemonset = next(d for d in agent if d["kind"] == "DaemonSet")
+    agent_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert peers["otlp-http"] == peers["grpc"]
+    (collectors,) = peers["grpc"]
+    assert collectors["namespaceSelector"] == namespace_named("pathwatch-agent")
+    assert collectors["podSelector"]["matchLabels"].items() <= agent_labels.items()
+    (prometheus,) = peers["http"]
+    assert prometheus == {
+        "namespaceSelector": namespace_named("monitoring"),
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+
+
+def test_network_policy_peers_follow_the_values(chart: helm_python.Chart) -> None:
+    """collectors.namespace "" means the release namespace; namespaces and labels of the
+    collectors and Prometheus are values (null drops a default label); operators.namespace adds
+    a peer for that namespace's pods; with Prometheus off and no operators the admin port gets
+    no rule at all (never a rule without `from`, which would admit everyone)."""
+    values = {
+        "networkPolicy": {
+            "collectors": {
+                "namespace": "",
+                "podLabels": {"app.kubernetes.io/name": "otel-agent"},
+            },
+            # Helm merges maps with the defaults: null drops a default label.
+            "prometheus": {
+                "namespace": "observability",
+                "podLabels": {"app.kubernetes.io/name": None, "app": "prom"},
+            },
+            "operators": {"namespace": "secops"},
+        }
+    }
+    policy = one(render(chart, values), "NetworkPolicy")
+    validate_kubernetes(policy)
+    peers = peers_by_port(policy)
+    assert peers["grpc"] == [
+        {
+            "namespaceSelector": namespace_named(NAMESPACE),
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "otel-agent"}},
+        }
+    ]
+    assert peers["http"] == [
+        {
+            "namespaceSelector": namespace_named("observability"),
+            "podSelector": {"matchLabels": {"app": "prom"}},
+        },
+        {"namespaceSelector": namespace_named("secops"), "podSelector": {}},
+    ]
+    closed = {"networkPolicy": {"prometheus": {"enabled": False}}}
+    policy = one(render(chart, closed), "NetworkPolicy")
+    validate_kubernetes(policy)
+    assert peers_by_port(policy).keys() == {"grpc", "otlp-http"}
+    notes = render_files(chart, closed)["NOTES.txt"]
+    assert "admin port from: no pod" in notes
+
+
+def test_network_policy_peers_can_be_replaced(chart: helm_python.Chart) -> None:
+    """ingress.grpcFrom and ingress.httpFrom replace the derived peers entirely (for a
+    collector deployed differently, or an ipBlock)."""
+    grpc_from = [
+        {
+            "namespaceSelector": namespace_named("otel"),
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "opentelemetry-collector"}},
+        }
+    ]
+    http_from = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    values = {"networkPolicy": {"ingress": {"grpcFrom": grpc_from, "httpFrom": http_from}}}
+    policy = one(render(chart, values), "NetworkPolicy")
+    validate_kubernetes(policy)
+    peers = peers_by_port(policy)
+    assert peers["grpc"] == peers["otlp-http"] == grpc_from
+    assert peers["http"] == http_from
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert "networkPolicy.ingress.grpcFrom" in notes
+
+
+def test_disabling_the_network_policy_is_warned_about(chart: helm_python.Chart) -> None:
+    """networkPolicy.enabled false renders no policy, and NOTES.txt says what that exposes."""
+    values = {"networkPolicy": {"enabled": False}}
+    assert by_kind(render(chart, values), "NetworkPolicy") == []
+    notes = render_files(chart, values)["NOTES.txt"]
+    assert "WARNING: networkPolicy.enabled is false" in notes
+    assert "networkPolicy.enabled is false" not in render_files(chart)["NOTES.txt"]
+
+
 def test_network_policy_admits_collectors_and_prometheus_only(custom: list[Manifest]) -> None:
     """OTLP (grpc and otlp-http) only from the collector agent's pods, admin HTTP only from
     Prometheus, egress only to DNS and the configured sinks."""
@@ -823,8 +1070,10 @@ def test_network_policy_admits_collectors_and_prometheus_only(custom: list[Manif
     agent_labels = daemonset["spec"]["template"]["metadata"]["labels"]
     (collectors,) = ingress["grpc"]
     assert collectors["podSelector"]["matchLabels"].items() <= agent_labels.items()
+    assert collectors["namespaceSelector"] == namespace_named("pathwatch-agent")
     (prometheus,) = ingress["http"]
     assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert prometheus["namespaceSelector"] == namespace_named("monitoring")
     dns, sinks = spec["egress"]
     assert {p["port"] for p in dns["ports"]} == {53}
     assert sinks == CUSTOM["networkPolicy"]["egress"]["rules"][0]

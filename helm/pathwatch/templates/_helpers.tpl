@@ -79,7 +79,40 @@ receiver off) is put back after the merge.
 {{- if and (hasKey $httpReceiver "listen") (not $httpReceiver.listen) -}}
 {{- $_ := set $config.receiver.http "listen" "" -}}
 {{- end -}}
+{{- if eq (include "pathwatch.adminToken.enabled" .) "true" -}}
+{{- $_ := set $config.http "auth" (dict "bearer_token_file" (include "pathwatch.adminToken.file" .)) -}}
+{{- end -}}
 {{- toJson $config -}}
+{{- end }}
+
+{{/*
+"true" when the chart guards /api/ with its admin token: adminToken.enabled and the user's
+config.http.auth names no token source of its own.
+*/}}
+{{- define "pathwatch.adminToken.enabled" -}}
+{{- $auth := dig "http" "auth" dict (.Values.config | default dict) -}}
+{{- if and .Values.adminToken.enabled (not (or $auth.bearer_token $auth.bearer_token_file $auth.bearer_token_env)) -}}true{{- end -}}
+{{- end }}
+
+{{/*
+The Secret holding the admin token: adminToken.existingSecret, or the one the chart creates.
+*/}}
+{{- define "pathwatch.adminToken.secretName" -}}
+{{- .Values.adminToken.existingSecret | default (printf "%s-api-token" (include "pathwatch.fullname" . | trunc 53 | trimSuffix "-")) -}}
+{{- end }}
+
+{{/*
+The key of the token in that Secret ("token" in the Secret the chart creates).
+*/}}
+{{- define "pathwatch.adminToken.key" -}}
+{{- if .Values.adminToken.existingSecret -}}{{ .Values.adminToken.existingSecretKey | default "token" }}{{- else -}}token{{- end -}}
+{{- end }}
+
+{{/*
+The token file's path in the container (http.auth.bearer_token_file).
+*/}}
+{{- define "pathwatch.adminToken.file" -}}
+{{- printf "%s/%s" (.Values.adminToken.mountPath | trimSuffix "/") (include "pathwatch.adminToken.key" .) -}}
 {{- end }}
 
 {{/*
@@ -145,4 +178,90 @@ receiver.http.auth bearer_token_env={{ . }}
 {{- with (dig "http" "auth" "bearer_token_env" "" $config) }}
 http.auth bearer_token_env={{ . }}
 {{- end }}
+{{- end }}
+
+{{/*
+A NetworkPolicyPeer selecting pods by namespace name AND labels (both in one peer, so a pod
+with the labels in another namespace does not match). Argument: dict "namespace" "labels".
+Empty labels select every pod of the namespace.
+*/}}
+{{- define "pathwatch.networkPolicy.peer" -}}
+- namespaceSelector:
+    matchLabels:
+      kubernetes.io/metadata.name: {{ .namespace | quote }}
+  {{- if .labels }}
+  podSelector:
+    matchLabels:
+      {{- toYaml .labels | nindent 6 }}
+  {{- else }}
+  podSelector: {}
+  {{- end }}
+{{- end }}
+
+{{/*
+Who may send OTLP: networkPolicy.ingress.grpcFrom, or the collectors' namespace and labels.
+*/}}
+{{- define "pathwatch.networkPolicy.otlpPeers" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if $np.ingress.grpcFrom -}}
+{{- toYaml $np.ingress.grpcFrom -}}
+{{- else -}}
+{{- include "pathwatch.networkPolicy.peer" (dict "namespace" ($np.collectors.namespace | default .Release.Namespace) "labels" $np.collectors.podLabels) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Who may reach the admin port: networkPolicy.ingress.httpFrom, or Prometheus and the operators'
+namespace. Empty when none is configured (the port is then closed to every pod).
+*/}}
+{{- define "pathwatch.networkPolicy.adminPeers" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if $np.ingress.httpFrom -}}
+{{- toYaml $np.ingress.httpFrom -}}
+{{- else -}}
+{{- if $np.prometheus.enabled }}
+{{ include "pathwatch.networkPolicy.peer" (dict "namespace" $np.prometheus.namespace "labels" $np.prometheus.podLabels) }}
+{{- end }}
+{{- if $np.operators.namespace }}
+{{ include "pathwatch.networkPolicy.peer" (dict "namespace" $np.operators.namespace "labels" $np.operators.podLabels) }}
+{{- end }}
+{{- end -}}
+{{- end }}
+
+{{/*
+Human-readable summaries of the NetworkPolicy's peers, for NOTES.txt.
+*/}}
+{{- define "pathwatch.networkPolicy.otlpSummary" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if $np.ingress.grpcFrom -}}
+the peers in networkPolicy.ingress.grpcFrom
+{{- else -}}
+{{ include "pathwatch.peerSummary" (dict "namespace" ($np.collectors.namespace | default .Release.Namespace) "labels" $np.collectors.podLabels) }}
+{{- end -}}
+{{- end }}
+
+{{- define "pathwatch.networkPolicy.adminSummary" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if $np.ingress.httpFrom -}}
+the peers in networkPolicy.ingress.httpFrom
+{{- else -}}
+{{- $peers := list -}}
+{{- if $np.prometheus.enabled -}}
+{{- $peers = append $peers (include "pathwatch.peerSummary" (dict "namespace" $np.prometheus.namespace "labels" $np.prometheus.podLabels)) -}}
+{{- end -}}
+{{- if $np.operators.namespace -}}
+{{- $peers = append $peers (include "pathwatch.peerSummary" (dict "namespace" $np.operators.namespace "labels" $np.operators.podLabels)) -}}
+{{- end -}}
+{{- if $peers -}}{{ join " and " $peers }}{{- else -}}no pod{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{- define "pathwatch.peerSummary" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := .labels -}}{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}{{- end -}}
+{{- if $pairs -}}
+pods labelled {{ join "," $pairs }} in namespace {{ .namespace }}
+{{- else -}}
+any pod in namespace {{ .namespace }}
+{{- end -}}
 {{- end }}
