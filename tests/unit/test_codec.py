@@ -92,7 +92,7 @@ def test_header_layout_is_the_documented_one() -> None:
     assert len(raw) == 20 + 2 * 8
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 3, 255])
 def test_unknown_version_is_refused(version: int) -> None:
     """A record written by another format version is refused, not misread."""
     raw = bytes([version]) + _sample()[1:]
@@ -106,3 +106,29 @@ def test_every_truncation_is_refused() -> None:
     for cut in range(len(raw)):
         with pytest.raises(RecordFormatError):
             decode_state(raw[:cut])
+
+
+def test_untrusted_minutes_round_trip_as_version_2() -> None:
+    """A key holding minutes observed only late is written as version 2 with its untrusted
+    runs after the history; every other key keeps version 1 byte for byte."""
+    state = KeyState(
+        1_700_000_000_000,
+        1_700_000_500_000,
+        PresenceHistory(((10, 20), (30, 31))),
+        PresenceHistory(((10, 12),)),
+    )
+    raw = encode_state(state)
+    assert raw[0] == 2
+    assert decode_state(raw) == state
+    assert encode_state(KeyState(1, 2, state.history))[0] == 1
+    for cut in range(len(raw)):
+        with pytest.raises(RecordFormatError):
+            decode_state(raw[:cut])
+
+
+def test_trusted_observed_ignores_untrusted_minutes() -> None:
+    """Only minutes observed on time count as baseline."""
+    state = KeyState(0, 0, PresenceHistory(((10, 20),)), PresenceHistory(((10, 15),)))
+    assert not state.trusted_observed(0, 15)
+    assert state.trusted_observed(0, 16)
+    assert not state.trusted_observed(20, 30)

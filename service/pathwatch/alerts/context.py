@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pathwatch.alerts.event import rfc3339
+from pathwatch.alerts.suspicious import display_safe
 from pathwatch.clock import MINUTE_MS
 from pathwatch.engine.evaluate import Finding
 from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD, PATH_FIELD
@@ -54,4 +55,13 @@ class Explainer:
                 if n
                 else f"{path} never ran on another node of the cluster before"
             )
+        if finding.late_history:
+            ctx["earlier_history_late"] = True
+            note = (
+                "its earlier history arrived late (later than receiver.max_baseline_lateness "
+                "after its timestamps) and is not trusted as baseline"
+            )
+            ctx["summary"] = f"{ctx['summary']}; {note}" if "summary" in ctx else note
+        if "summary" in ctx:
+            ctx["summary"] = display_safe(ctx["summary"])
         return ctx

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pathwatch.alerts.suspicious import display_safe, most_suspicious_first
 from pathwatch.clock import MINUTE_MS
 from pathwatch.engine.evaluate import Finding
 from pathwatch.rules.model import HOST_FIELD, Rule
@@ -21,6 +22,10 @@ from pathwatch.store.codec import encode_key
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TOKEN = re.compile(r"\$([A-Za-z0-9_.]+)\$")
+# The receiver keeps bytes that are not UTF-8 as \xNN escapes (backslashreplace).
+_ESCAPED_BYTE = re.compile(r"\\x[0-9a-f]{2}")
+MAX_LISTED = 1000  # keys a summary lists by host and path
+PATH_FIELD_NAME = "process.executable.path"
 
 
 def rfc3339(ms: int) -> str:
@@ -58,7 +63,11 @@ def _field_name(name: str) -> str:
 
 
 def render_message(template: str, fields: dict[str, str]) -> str:
-    return _TOKEN.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
+    """The template with $field$ tokens replaced by display-safe values."""
+    return _TOKEN.sub(
+        lambda m: display_safe(fields[m.group(1)]) if m.group(1) in fields else m.group(0),
+        template,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +131,28 @@ def risk_event(finding: Finding) -> RiskEvent:
         "first_seen": rfc3339(finding.state.first_seen_ms),
         "last_seen": rfc3339(finding.state.last_seen_ms),
     }
+    escaped = [name for name, value in fields.items() if _ESCAPED_BYTE.search(value)]
+    if escaped:
+        # The value held bytes that are not UTF-8; they are shown as \xNN.
+        body["invalid_utf8_fields"] = escaped
     return RiskEvent(event_id, rule.id, finding.tick_ms, risk.score, body)
+
+
+def late_risk_event(finding: Finding, reported_ms: int) -> RiskEvent:
+    """The alert for an onset found after its tick had run: the id and window of the on-time
+    alert it would have been, reported (`time`) at the tick that found it, marked late."""
+    event = risk_event(finding)
+    event.body["time"] = rfc3339(reported_ms)
+    event.body["late"] = True
+    event.body["tick"] = rfc3339(finding.tick_ms)
+    return RiskEvent(event.id, event.rule_id, reported_ms, event.risk_score, event.body)
+
+
+def _listing(entries: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """(host, path) pairs as listed by summaries: suspicious locations first, at most
+    MAX_LISTED."""
+    top = most_suspicious_first(entries, lambda e: e[1], MAX_LISTED)
+    return [{"host": host, "path": path} for host, path in top]
 
 
 def _summary_event(
@@ -148,26 +178,65 @@ def _summary_event(
     return RiskEvent(event_id, rule.id, time_ms, rule.risk.score, body)
 
 
-def key_limit_event(rule: Rule, host: str | None, hour_ms: int, limit: int) -> RiskEvent:
-    """One alert standing in for a flood of new keys that were not tracked."""
-    if host is None:
+def key_limit_event(
+    rule: Rule, host: str | None, hour_ms: int, limit: int, sender: str | None = None
+) -> RiskEvent:
+    """One alert standing in for a flood of new keys that were not tracked. The keys
+    themselves are listed by the next tick's `refused_keys_event`."""
+    since = rfc3339(hour_ms)
+    who = f" from sender {display_safe(sender)}" if sender else ""
+    extra: dict[str, Any] = {"limit": limit}
+    if sender is not None:
+        extra["sender"] = sender
+    if host is None and sender is None:
         message = (
             f"New-key limit reached for the whole fleet: over {limit} new keys in the hour "
-            "from " + rfc3339(hour_ms) + "; further new keys are not tracked this hour"
+            f"from {since}; further new keys are not tracked this hour (listed at the next tick)"
         )
-        return _summary_event(rule, "new_key_limit", hour_ms, "*", message, {"limit": limit})
+        return _summary_event(rule, "new_key_limit", hour_ms, "*", message, extra)
+    if host is None:
+        message = (
+            f"New-key limit reached{who}: over {limit} new keys in the hour from {since}; "
+            "further new keys it sends are not tracked this hour (listed at the next tick)"
+        )
+        return _summary_event(rule, "new_key_limit", hour_ms, f"sender:{sender}", message, extra)
     message = (
-        f"New-key limit reached on host {host}: over {limit} new keys in the hour from "
-        + rfc3339(hour_ms)
-        + "; further new keys from it are not tracked this hour"
+        f"New-key limit reached on host {display_safe(host)}{who}: over {limit} new keys in the "
+        f"hour from {since}; further new keys from it are not tracked this hour (listed at the "
+        "next tick)"
     )
-    return _summary_event(rule, "new_key_limit", hour_ms, host, message, {"limit": limit})
+    risk_object = host if not sender else f"{host}\x00{sender}"
+    event = _summary_event(rule, "new_key_limit", hour_ms, risk_object, message, extra)
+    event.body["risk_object"] = host
+    event.body["fields"] = {"host": host}
+    return event
+
+
+def refused_keys_event(
+    rule: Rule, tick_ms: int, refused: list[tuple[str, str, str]], total: int
+) -> RiskEvent:
+    """One alert listing the new keys that new-key caps refused since the previous tick:
+    (host, path, sender) each, suspicious locations first. A cap delays such a key's own alert
+    (it is not tracked this hour), so this summary is where an analyst sees it."""
+    listed = _listing([(host, path) for host, path, _ in refused])
+    senders = sorted({sender for _, _, sender in refused if sender})
+    message = (
+        f"{total} new keys of rule {rule.name} were not tracked (new-key limit); "
+        f"listed by host and path, suspicious locations first"
+    )
+    if listed:
+        message += (
+            f"; first: {display_safe(listed[0]['path'])} on {display_safe(listed[0]['host'])}"
+        )
+    extra = {"refused": total, "refused_keys": listed, "senders": senders[:100]}
+    return _summary_event(rule, "refused_keys", tick_ms, "*", message, extra)
 
 
 def flood_event(rule: Rule, tick_ms: int, suppressed: list[RiskEvent]) -> RiskEvent:
-    """One alert summarising the alerts of a tick past the per-tick cap."""
+    """One alert summarising the alerts of a tick past the per-tick cap; it lists the held-back
+    alerts by host and path (suspicious locations first), and each stays in the alert log."""
     hosts = sorted({e.body["risk_object"] for e in suppressed})
-    paths = sorted({e.body["fields"].get("process.executable.path", "") for e in suppressed})
+    paths = sorted({e.body["fields"].get(PATH_FIELD_NAME, "") for e in suppressed})
     message = (
         f"{len(suppressed)} more alerts of rule {rule.name} at {rfc3339(tick_ms)} were "
         f"summarised (per-tick cap reached) on {len(hosts)} host(s); see GET /api/v1/alerts"
@@ -175,7 +244,10 @@ def flood_event(rule: Rule, tick_ms: int, suppressed: list[RiskEvent]) -> RiskEv
     extra = {
         "suppressed": len(suppressed),
         "sample_hosts": hosts[:10],
-        "sample_paths": [p for p in paths if p][:10],
+        "sample_paths": most_suspicious_first([p for p in paths if p], str, 10),
         "suppressed_ids": [e.id for e in suppressed[:100]],
+        "suppressed_keys": _listing(
+            [(e.body["risk_object"], e.body["fields"].get(PATH_FIELD_NAME, "")) for e in suppressed]
+        ),
     }
     return _summary_event(rule, "alert_flood", tick_ms, "*", message, extra)

@@ -280,7 +280,12 @@ class _Handler(BaseHTTPRequestHandler):
                 400,
                 f"at={rfc3339(at)} is older than the activity index keeps (from {rfc3339(oldest)})",
             )
-        outcome = svc.runner.run(rule, at)
+        from pathwatch.scheduler.runner import TickNotReady
+
+        try:
+            outcome = svc.runner.run(rule, at)
+        except TickNotReady as exc:
+            raise ApiError(400, str(exc)) from None
         self._json(200, {"alerts": outcome.alerts, "new": outcome.new})
 
     def _keys(self, query: dict[str, list[str]]) -> None:

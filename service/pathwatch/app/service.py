@@ -26,6 +26,7 @@ from pathwatch.receiver.http_server import OtlpHttpReceiver
 from pathwatch.rules import Rule, resolve_rules
 from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD
 from pathwatch.scheduler import Scheduler, TickRunner
+from pathwatch.scheduler.scheduler import next_tick
 from pathwatch.store import (
     AlertStore,
     Database,
@@ -38,6 +39,7 @@ from pathwatch.store import (
 from pathwatch.store.durable import DurableResources
 from pathwatch.store.firstseen import StreamHit
 from pathwatch.store.guard import LimitHit, NewKeyGuard
+from pathwatch.store.writer import TickWatermarks
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="app")
@@ -45,7 +47,9 @@ log = structlog.get_logger(component="app")
 INDEX_EXTRA_MINUTES = 3 * 24 * 60  # activity index kept beyond the window: the evaluate API's reach
 
 
-def retention_of(rule: Rule, max_runs: int) -> Retention:
+def retention_of(rule: Rule, max_runs: int, lateness_ms: int = 0) -> Retention:
+    """How the store keeps `rule`'s data. `lateness_ms` is receiver.max_baseline_lateness for
+    live ingest; replay and baseline import are trusted history (0: every minute trusted)."""
     return Retention(
         horizon_minutes=rule.baseline_minutes + rule.window_minutes + 24 * 60,
         max_runs=max_runs,
@@ -54,6 +58,7 @@ def retention_of(rule: Rule, max_runs: int) -> Retention:
         window_minutes=rule.window_minutes,
         baseline_minutes=rule.baseline_minutes,
         onset_gap_minutes=max(0, rule.baseline_minutes - rule.window_minutes),
+        lateness_ms=lateness_ms,
     )
 
 
@@ -101,7 +106,12 @@ class Service:
         self.enabled_rules = [r for r in self.rules if r.enabled]
         self.metrics = Metrics()
         self._retention = {
-            r.id: retention_of(r, config.store.max_runs_per_key) for r in self.enabled_rules
+            r.id: retention_of(
+                r,
+                config.store.max_runs_per_key,
+                int(config.receiver.max_baseline_lateness * 1000),
+            )
+            for r in self.enabled_rules
         }
         self.db: Database | None = None
         self.firstseen: FirstSeenStore | None = None
@@ -138,7 +148,11 @@ class Service:
         self.firstseen = FirstSeenStore(
             self.db,
             cfg.store.cache_keys,
-            NewKeyGuard(cfg.limits.new_keys_per_host_per_hour, cfg.limits.new_keys_per_hour),
+            NewKeyGuard(
+                cfg.limits.new_keys_per_host_per_hour,
+                cfg.limits.new_keys_per_hour,
+                cfg.limits.new_keys_per_sender_per_hour,
+            ),
             {
                 r.id: r.key_fields.index(HOST_FIELD)
                 for r in self.rules
@@ -196,6 +210,13 @@ class Service:
         cache = self.metrics.cache_entries
         cache.labels(cache="keys").set_function(lambda: firstseen.cached_keys)
         cache.labels(cache="durable").set_function(functools.partial(len, self.durable))
+        # Ticks recorded before this start may have read the store: writes into their windows
+        # are late from the first write on.
+        watermarks = TickWatermarks()
+        for rule in self.enabled_rules:
+            last = self.alerts.last_tick(rule.id)
+            if last is not None:
+                watermarks.advance(rule.id, last.tick_ms)
         self.writer = IngestWriter(
             self.firstseen,
             lambda: self._retention,
@@ -208,6 +229,7 @@ class Service:
             on_limit=self._on_key_limit,
             on_stream=self._on_stream,
             durable=self.durable,
+            watermarks=watermarks,
         )
         self.writer.start()
         self.dispatcher = Dispatcher(cfg.sinks, self.alerts, self.clock, self.metrics)
@@ -226,6 +248,9 @@ class Service:
                 alerts, self.firstseen.entity_first_seen, self.first_start_ms, self.metrics
             ),
             explainer=Explainer(self.firstseen.context, self.firstseen.entity_first_seen),
+            ledger=self.firstseen,
+            watermarks=watermarks,
+            next_tick=next_tick,
         )
         grpc_cfg = cfg.receiver.grpc
         # One decoder for both transports: thread-safe, and its resource cache is shared.
@@ -295,7 +320,10 @@ class Service:
         rules = {r.id: r for r in self.rules}
         if self.runner is not None:
             self.runner.publish(
-                [key_limit_event(rules[h.rule_id], h.host, h.hour_ms, h.limit) for h in hits]
+                [
+                    key_limit_event(rules[h.rule_id], h.host, h.hour_ms, h.limit, h.sender)
+                    for h in hits
+                ]
             )
 
     def _on_stream(self, hits: tuple[StreamHit, ...]) -> None:

@@ -2,11 +2,17 @@
 
 At T (a whole minute), a key is new when it was observed in ``[T - window, T)`` and not in
 ``[T - baseline, T - window)``: start inclusive, end exclusive, exactly as the reference search.
+Only observations that arrived on time count as baseline (receiver.max_baseline_lateness): a
+backdated point can make a key new, never hide one. With every point on time (or a lateness of
+0s) this is the reference rule exactly.
+
+`late_findings` checks keys that received minutes after the tick of their window had run: each
+late onset is reported once, at the tick whose window holds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -33,6 +39,14 @@ class Finding:
     key: KeyTuple
     state: KeyState
     first_minute: int
+    late: bool = False  # found after its tick had run (late data)
+
+    @property
+    def late_history(self) -> bool:
+        """Was the key observed in the baseline only by points that arrived late?"""
+        rule, tick = self.rule, self.tick_ms // MINUTE_MS
+        start, end = tick - rule.baseline_minutes, tick - rule.window_minutes
+        return self.state.untrusted.observed(start, end)
 
 
 @dataclass(slots=True)
@@ -57,7 +71,7 @@ def evaluate(rule: Rule, tick_ms: int, reader: PresenceReader) -> Evaluation:
         out.candidates += 1
         history = state.history
         first = history.first_in(window_start, tick)
-        if first is None or history.observed(baseline_start, window_start):
+        if first is None or state.trusted_observed(baseline_start, window_start):
             continue
         if rule.excluded_by(key) is not None:
             out.excluded += 1
@@ -90,3 +104,39 @@ def _candidates(
             narrow(rule.id, window_start, tick, baseline_start, window_start),
         )
     return reader.active(rule.id, window_start, tick)
+
+
+def late_findings(
+    rule: Rule,
+    key: KeyTuple,
+    state: KeyState,
+    since_minute: int,
+    through_ms: int,
+    tick_of: Callable[[int], int],
+) -> list[Finding]:
+    """Onsets of `key` at or after `since_minute` (its earliest late minute) in windows of
+    ticks up to `through_ms`, each at the tick whose window holds it (`tick_of(minute)`: the
+    first scheduled tick after the minute).
+
+    An onset is the start of a run of observations (nothing the minute before) that is new at
+    its tick by the rule; the alert id is the one an on-time evaluation gives it.
+    """
+    out: list[Finding] = []
+    history = state.history
+    for start in history.run_starts(since_minute):
+        tick_ms = tick_of(start)
+        if tick_ms > through_ms:
+            break
+        tick = tick_ms // MINUTE_MS
+        window_start = tick - rule.window_minutes
+        if start < window_start:
+            continue  # between windows: no tick covers it, as in the reference
+        first = history.first_in(window_start, tick)
+        if first != start:
+            continue  # the occurrence started earlier in the same window
+        if state.trusted_observed(tick - rule.baseline_minutes, window_start):
+            continue
+        if rule.excluded_by(key) is not None:
+            continue
+        out.append(Finding(rule, tick_ms, key, state, first, late=True))
+    return out

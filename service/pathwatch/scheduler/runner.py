@@ -1,7 +1,13 @@
 """TickRunner: evaluates one rule at one tick and commits the tick, its alerts and deliveries.
 
 Used by the scheduler and by the evaluate API alike, so both run a tick exactly the same way. A
-tick already recorded is never evaluated again: its stored alerts are returned instead.
+tick already recorded is never evaluated again: its stored alerts are returned instead. A tick
+runs only once its window plus the rule's delay has passed (TickNotReady otherwise).
+
+Each tick also settles what arrived since the previous one and no evaluation saw: keys that
+got minutes inside windows of ticks that had already run (late onsets, alerted now with the id
+they would have had, marked late) and keys the new-key caps refused (one summary listing them).
+The entries it settles are deleted in the same write as the tick.
 """
 
 from __future__ import annotations
@@ -14,15 +20,25 @@ from typing import Any
 import structlog
 
 from pathwatch.alerts.context import Explainer
-from pathwatch.alerts.event import RiskEvent, alert_id, flood_event, rfc3339, risk_event
+from pathwatch.alerts.event import (
+    RiskEvent,
+    alert_id,
+    flood_event,
+    late_risk_event,
+    refused_keys_event,
+    rfc3339,
+    risk_event,
+)
 from pathwatch.alerts.gates import AlertGates
+from pathwatch.alerts.suspicious import suspicion
 from pathwatch.clock import MINUTE_MS, Clock
 from pathwatch.config.model import SinkConfig
-from pathwatch.engine.evaluate import Finding, PresenceReader, evaluate
-from pathwatch.rules.model import Rule
+from pathwatch.engine.evaluate import Finding, PresenceReader, evaluate, late_findings
+from pathwatch.rules.model import HOST_FIELD, PATH_FIELD, Rule
 from pathwatch.store.alertlog import AlertStore, TickRecord
 from pathwatch.store.context import ContextMemo
-from pathwatch.store.firstseen import StreamHit
+from pathwatch.store.firstseen import FirstSeenStore, StreamHit
+from pathwatch.store.writer import TickWatermarks
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="scheduler")
@@ -32,6 +48,15 @@ log = structlog.get_logger(component="scheduler")
 class TickOutcome:
     alerts: list[dict[str, Any]]
     new: bool  # False when the tick had been recorded before (nothing was evaluated or queued)
+
+
+def _suspicion_of(event: RiskEvent) -> int:
+    return suspicion(str(event.body.get("fields", {}).get(PATH_FIELD, "")))
+
+
+class TickNotReady(ValueError):
+    """The tick's window plus the rule's delay has not passed: data may still arrive for it.
+    Permanent for this call (the API answers 400); the scheduler never asks that early."""
 
 
 def sink_wants(sink: SinkConfig, event: RiskEvent) -> bool:
@@ -53,7 +78,15 @@ class TickRunner:
         max_alerts_per_tick: int = 0,
         gates: AlertGates | None = None,
         explainer: Explainer | None = None,
+        ledger: FirstSeenStore | None = None,
+        watermarks: TickWatermarks | None = None,
+        next_tick: Callable[[str, int], int] | None = None,
     ) -> None:
+        # The late and refused-key entries live in the first-seen store (`ledger`); without
+        # one, ticks settle nothing (pure evaluation, as in unit tests).
+        self._ledger = ledger
+        self._watermarks = watermarks or TickWatermarks()
+        self._next_tick = next_tick
         self._max_alerts = max_alerts_per_tick
         self._gates = gates
         self._explainer = explainer
@@ -169,33 +202,53 @@ class TickRunner:
         """Evaluate and record `rule` at `tick_ms`, or return what was recorded for it before.
 
         Past `max_alerts_per_tick`, the remaining alerts are recorded (listed by the API) but
-        not delivered; one summary alert is delivered in their place.
-        Raises StoreError (retryable) when the commit fails; then nothing was recorded.
+        not delivered; one summary alert, listing them, is delivered in their place, and the
+        most suspicious paths are the ones delivered one by one.
+        Raises TickNotReady when the window plus the rule's delay has not passed, StoreError
+        (retryable) when the commit fails; then nothing was recorded.
         """
         with self._lock:
             existing = self._alerts.get_tick(rule.id, tick_ms)
             if existing is not None:
                 return TickOutcome(self._alerts.alerts_of(existing), new=False)
+            ready_ms = tick_ms + int(rule.delay_seconds * 1000)
+            if self._clock.now_ms() < ready_ms:
+                raise TickNotReady(
+                    f"the tick at {rfc3339(tick_ms)} can run from {rfc3339(ready_ms)}: its "
+                    f"window ends at the tick and rule {rule.id} waits {rule.delay_seconds:g} s "
+                    "for data still on its way"
+                )
+            # From here on, a write that this evaluation may miss lists itself as late.
+            self._watermarks.advance(rule.id, tick_ms)
             started = self._clock.monotonic()
             try:
                 evaluation = evaluate(rule, tick_ms, self._reader)
+                late, late_seen = self._late(rule, tick_ms, evaluation.findings)
+                refused, refused_keys = self._refused(rule, tick_ms)
             except Exception:
                 self._metrics.evaluations.labels(rule=rule.id, outcome="error").inc()
                 raise
+            findings = [*evaluation.findings, *late]
             events = [risk_event(f) for f in evaluation.findings]
+            events += [late_risk_event(f, tick_ms) for f in late]
             extra: list[tuple[bytes, bytes]] = []
             if self._gates is not None:
-                gated = self._gates.apply(
-                    rule, list(zip(evaluation.findings, events, strict=True)), tick_ms
-                )
+                gated = self._gates.apply(rule, list(zip(findings, events, strict=True)), tick_ms)
                 events, extra = gated.kept, gated.extra
-            self._explain(events, evaluation.findings)
+            self._explain(events, findings)
+            late_kept = sum(1 for e in events if e.body.get("late"))
             deliver = events
             if self._max_alerts and len(events) > self._max_alerts:
+                # The ones delivered one by one are the most suspicious; the rest are listed
+                # in the summary and stay readable in the alert log.
+                events = sorted(events, key=_suspicion_of)
                 deliver = [*events[: self._max_alerts],
                            flood_event(rule, tick_ms, events[self._max_alerts :])]  # fmt: skip
                 events = [*events, deliver[-1]]
                 self._metrics.alerts_summarised.labels(rule=rule.id).inc(len(events) - len(deliver))
+            if refused is not None:
+                deliver = [*deliver, refused]
+                events = [*events, refused]
             deliveries, overflow = self._route(deliver)
             record = TickRecord(
                 rule.id,
@@ -204,13 +257,14 @@ class TickRunner:
                 self._clock.now_ms(),
                 evaluation.excluded,
             )
-            self._alerts.commit_tick(
-                record,
-                [(e.id, e.time_ms, e.body) for e in events],
-                deliveries,
-                overflow,
-                extra=extra,
-            )
+            deletes = list(refused_keys)
+            if self._ledger is not None and late_seen:
+                # Under the fence: an entry a write changed since it was read stays listed.
+                with self._watermarks.lock:
+                    deletes += self._ledger.late_unchanged(late_seen)
+                    self._commit(record, events, deliveries, overflow, extra, deletes)
+            else:
+                self._commit(record, events, deliveries, overflow, extra, deletes)
             elapsed = self._clock.monotonic() - started
         m = self._metrics
         m.evaluations.labels(rule=rule.id, outcome="ok").inc()
@@ -218,11 +272,14 @@ class TickRunner:
         m.alerts.labels(rule=rule.id).inc(len(events))
         m.alerts_excluded.labels(rule=rule.id).inc(evaluation.excluded)
         m.last_tick.labels(rule=rule.id).set(tick_ms / 1000)
+        if late_kept:
+            m.late_alerts.labels(rule=rule.id).inc(late_kept)
         log.info(
             "rule evaluated",
             rule=rule.id,
             tick=tick_ms,
             alerts=len(events),
+            late_alerts=late_kept,
             excluded=evaluation.excluded,
             candidates=evaluation.candidates,
             seconds=round(elapsed, 4),
@@ -230,3 +287,84 @@ class TickRunner:
         if deliveries:
             self._on_commit()
         return TickOutcome([e.body for e in events], new=True)
+
+    def _commit(
+        self,
+        record: TickRecord,
+        events: Sequence[RiskEvent],
+        deliveries: list[tuple[str, str, dict[str, Any]]],
+        overflow: list[tuple[str, str, dict[str, Any]]],
+        extra: Sequence[tuple[bytes, bytes]],
+        deletes: Sequence[bytes],
+    ) -> None:
+        self._alerts.commit_tick(
+            record,
+            [(e.id, e.time_ms, e.body) for e in events],
+            deliveries,
+            overflow,
+            extra=extra,
+            deletes=deletes,
+        )
+
+    def _late(
+        self, rule: Rule, tick_ms: int, on_time: Sequence[Finding]
+    ) -> tuple[list[Finding], list[tuple[bytes, bytes]]]:
+        """Late onsets listed since the previous tick, up to this one, that no tick alerted;
+        and the late entries read (to delete once committed)."""
+        ledger = self._ledger
+        if ledger is None or self._next_tick is None:
+            return [], []
+        entries = ledger.late_entries(rule.id)
+        if not entries:
+            return [], []
+        schedule, next_tick = rule.schedule, self._next_tick
+        ticks: dict[int, int] = {}
+
+        def tick_of(minute: int) -> int:
+            if minute not in ticks:
+                # The first tick after the minute: its window holds it (if any window does).
+                ticks[minute] = next_tick(schedule, minute * MINUTE_MS)
+            return ticks[minute]
+
+        alerted: dict[int, set[tuple[str, ...]]] = {tick_ms: {f.key for f in on_time}}
+        out: list[Finding] = []
+        for raw_key, value in entries:
+            key, since = ledger.decode_late(rule.id, raw_key, value)
+            state = ledger.get(rule.id, key)
+            if state is None:
+                continue
+            for finding in late_findings(rule, key, state, since, tick_ms, tick_of):
+                if key not in self._alerted_at(rule, finding.tick_ms, alerted):
+                    out.append(finding)
+        return out, entries
+
+    def _alerted_at(
+        self, rule: Rule, tick_ms: int, memo: dict[int, set[tuple[str, ...]]]
+    ) -> set[tuple[str, ...]]:
+        """Keys alerted at a recorded tick (an on-time alert may have another first minute)."""
+        if tick_ms not in memo:
+            record = self._alerts.get_tick(rule.id, tick_ms)
+            keys: set[tuple[str, ...]] = set()
+            if record is not None:
+                names = ["host" if f == HOST_FIELD else f for f in rule.key_fields]
+                for body in self._alerts.alerts_of(record):
+                    fields = body.get("fields", {})
+                    if all(n in fields for n in names):
+                        keys.add(tuple(str(fields[n]) for n in names))
+            memo[tick_ms] = keys
+        return memo[tick_ms]
+
+    def _refused(self, rule: Rule, tick_ms: int) -> tuple[RiskEvent | None, list[bytes]]:
+        """One summary of the keys new-key caps refused since the previous tick."""
+        if self._ledger is None:
+            return None, []
+        entries = self._ledger.refused_entries(rule.id)
+        if not entries:
+            return None, []
+        listed = []
+        for _, key, info in entries:
+            host = rule.field_value(key, HOST_FIELD) or ""
+            path = rule.field_value(key, PATH_FIELD) or ""
+            listed.append((host, path, str(info.get("sender", ""))))
+        event = refused_keys_event(rule, tick_ms, listed, len(listed))
+        return event, [raw for raw, _, _ in entries]

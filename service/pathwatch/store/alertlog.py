@@ -87,12 +87,15 @@ class AlertStore:
         overflow: Sequence[tuple[str, str, dict[str, Any]]] = (),
         now_ms: int = 0,
         extra: Sequence[tuple[bytes, bytes]] = (),
+        deletes: Sequence[bytes] = (),
     ) -> bool:
         """Record `tick` (or, with tick None, alerts outside any tick) with its alerts and
         deliveries atomically. False, and nothing written, if the tick was recorded before.
 
         `events` are (alert id, time ms, event); `deliveries` are (sink, alert id, event) for
         the outbox and `overflow` the same for sinks whose outbox was full (dead-lettered at once).
+        `extra` are further puts and `deletes` keys to remove in the same write (the late and
+        refused-key entries a tick consumed).
         """
         with self._lock:
             b = Batch()
@@ -116,6 +119,8 @@ class AlertStore:
                 b.put(ks.alert_id_key(alert_id), ks.u64(time_ms))
             for key, value in extra:
                 b.put(key, value)
+            for key in deletes:
+                b.delete(key)
             seq = self._seq
             for kind, items in ((ks.outbox_key, deliveries), (ks.deadletter_key, overflow)):
                 for sink, alert_id, event in items:

@@ -14,8 +14,16 @@ A key record (the value under ``R``) is, little-endian::
     i64 last_seen:  Unix ms of the latest observation
     N x (u32 start minute, u32 end minute exclusive)   -- the PresenceHistory runs
 
-A reader that meets a version it does not know raises ``RecordFormatError`` rather than guess;
-a later release migrates records by version byte.
+Version 2 is written only for a key that holds untrusted minutes (observed only by points that
+arrived later than ``receiver.max_baseline_lateness`` after their timestamp): the same layout
+with flags bit 0 set, followed by::
+
+    u16 number of untrusted runs M
+    M x (u32 start minute, u32 end minute exclusive)   -- minutes observed only late
+
+Every other key keeps version 1 byte for byte. A reader that meets a version it does not know
+raises ``RecordFormatError`` rather than guess; a later release migrates records by version
+byte.
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ from pathwatch.store.presence import PresenceHistory
 
 KeyTuple = tuple[str, ...]
 
+NO_HISTORY = PresenceHistory()
 RECORD_VERSION = 1
+RECORD_VERSION_UNTRUSTED = 2
+_FLAG_UNTRUSTED = 1
 _HEADER = struct.Struct("<BBHqq")
 _U16 = struct.Struct(">H")
 MAX_FIELD_BYTES = 0xFFFF
@@ -44,6 +55,13 @@ class KeyState:
     first_seen_ms: int
     last_seen_ms: int
     history: PresenceHistory
+    # Minutes of `history` observed only by late points: they can make the key new but never
+    # count as its baseline. A subset of `history`; empty for almost every key.
+    untrusted: PresenceHistory = NO_HISTORY
+
+    def trusted_observed(self, start: int, end: int) -> bool:
+        """Observed in ``[start, end)`` by a point that arrived on time?"""
+        return self.history.observed_outside(start, end, self.untrusted)
 
 
 def encode_key(key: KeyTuple) -> bytes:
@@ -68,17 +86,39 @@ def decode_key(raw: bytes) -> KeyTuple:
     return tuple(out)
 
 
+def _pack_runs(runs: tuple[tuple[int, int], ...]) -> bytes:
+    return struct.pack(f"<{2 * len(runs)}I", *(m for run in runs for m in run))
+
+
 def encode_state(state: KeyState) -> bytes:
     runs = state.history.runs
-    header = _HEADER.pack(RECORD_VERSION, 0, len(runs), state.first_seen_ms, state.last_seen_ms)
-    return header + struct.pack(f"<{2 * len(runs)}I", *(m for run in runs for m in run))
+    late = state.untrusted.runs
+    if not late:
+        header = _HEADER.pack(RECORD_VERSION, 0, len(runs), state.first_seen_ms, state.last_seen_ms)
+        return header + _pack_runs(runs)
+    header = _HEADER.pack(
+        RECORD_VERSION_UNTRUSTED,
+        _FLAG_UNTRUSTED,
+        len(runs),
+        state.first_seen_ms,
+        state.last_seen_ms,
+    )
+    return header + _pack_runs(runs) + _U16_LE.pack(len(late)) + _pack_runs(late)
 
 
 _FIRST_SEEN = struct.Struct("<q")
+_U16_LE = struct.Struct("<H")
+NO_TRUSTED_FIRST_SEEN = -1
 
 
 def first_seen_of(raw: bytes) -> int:
-    """first_seen of an encoded record, read from its header without decoding the rest."""
+    """first_seen of an encoded record, read from its header without decoding the rest.
+
+    NO_TRUSTED_FIRST_SEEN for a record holding untrusted minutes: its first_seen may be a late
+    point, which says nothing about its baseline, so callers must not skip it by first_seen."""
+    if len(raw) >= _HEADER.size and raw[0] == RECORD_VERSION_UNTRUSTED:
+        decode_state(raw)  # validates
+        return NO_TRUSTED_FIRST_SEEN
     if len(raw) < _HEADER.size or raw[0] != RECORD_VERSION:
         return decode_state(raw).first_seen_ms  # raises RecordFormatError
     return int(_FIRST_SEEN.unpack_from(raw, 4)[0])
@@ -87,11 +127,24 @@ def first_seen_of(raw: bytes) -> int:
 def decode_state(raw: bytes) -> KeyState:
     if len(raw) < _HEADER.size:
         raise RecordFormatError(f"key record of {len(raw)} bytes is shorter than its header")
-    version, _flags, n, first, last = _HEADER.unpack_from(raw)
-    if version != RECORD_VERSION:
+    version, flags, n, first, last = _HEADER.unpack_from(raw)
+    if version not in (RECORD_VERSION, RECORD_VERSION_UNTRUSTED):
         raise RecordFormatError(f"key record format version {version} is not supported")
-    if len(raw) < _HEADER.size + 8 * n:
+    end = _HEADER.size + 8 * n
+    if len(raw) < end:
         raise RecordFormatError("key record is truncated")
-    flat = struct.unpack_from(f"<{2 * n}I", raw, _HEADER.size)
-    runs = tuple((flat[i], flat[i + 1]) for i in range(0, 2 * n, 2))
-    return KeyState(first, last, PresenceHistory(runs))
+    runs = _unpack_runs(raw, _HEADER.size, n)
+    if version == RECORD_VERSION or not flags & _FLAG_UNTRUSTED:
+        return KeyState(first, last, PresenceHistory(runs))
+    if len(raw) < end + 2:
+        raise RecordFormatError("key record is truncated (untrusted runs)")
+    (m,) = _U16_LE.unpack_from(raw, end)
+    if len(raw) < end + 2 + 8 * m:
+        raise RecordFormatError("key record is truncated (untrusted runs)")
+    late = _unpack_runs(raw, end + 2, m)
+    return KeyState(first, last, PresenceHistory(runs), PresenceHistory(late))
+
+
+def _unpack_runs(raw: bytes, offset: int, n: int) -> tuple[tuple[int, int], ...]:
+    flat = struct.unpack_from(f"<{2 * n}I", raw, offset)
+    return tuple((flat[i], flat[i + 1]) for i in range(0, 2 * n, 2))

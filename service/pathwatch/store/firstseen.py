@@ -14,11 +14,13 @@ a record safe without locks; reads may come from any thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import json
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from pathwatch.clock import MINUTE_MS
-from pathwatch.observations import KeyTuple, Mark, ObservationBatch
+from pathwatch.observations import KeyTuple, Mark, ObservationBatch, RuleKey
 from pathwatch.store import durable
 from pathwatch.store import keyspace as ks
 from pathwatch.store.codec import (
@@ -33,6 +35,9 @@ from pathwatch.store.context import ContextIndex
 from pathwatch.store.db import Batch, Database, StoreError
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory, new_onsets
+
+_NO_HISTORY = PresenceHistory()
+MAX_REFUSED_LISTED = 1000  # refused keys listed per rule and hour (the rest are counted)
 
 MINUTES_PER_HOUR = 60
 MINUTES_PER_DAY = 1440
@@ -53,6 +58,9 @@ class Retention:
     # Onset index: runs starting at least this long after the previous run's end are listed
     # (baseline - window for a rule; 0: no onset index).
     onset_gap_minutes: int = 0
+    # A minute whose end lies more than this before the write is untrusted: it can make the
+    # key new but never counts as baseline (receiver.max_baseline_lateness; 0 trusts all).
+    lateness_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,23 @@ class OnsetCoverage:
 
     gap_minutes: int
     from_minute: int
+
+
+def trusted_onsets(state: KeyState, min_gap: int, floor: int) -> set[int]:
+    """Onsets of a key holding untrusted minutes: starts (at or after `floor`) of its runs and
+    of its trusted runs that follow the previous *trusted* minute by at least `min_gap` (or
+    have none before them). Untrusted minutes never shorten a gap, so a backdated point cannot
+    keep a key out of the onset index."""
+    trusted = state.history.without(state.untrusted)
+    ends = [e for _, e in trusted.runs]
+    out: set[int] = set()
+    for start in {s for s, _ in state.history.runs} | {s for s, _ in trusted.runs}:
+        if start < floor:
+            continue
+        i = bisect_right(ends, start) - 1
+        if i < 0 or start - ends[i] >= min_gap:
+            out.add(start)
+    return out
 
 
 def index_writes(
@@ -76,8 +101,15 @@ def index_writes(
     """The onset and expiry index entries for a record rewritten from `old` to `state`."""
     if retention.onset_gap_minutes > 0:
         floor = now_min - retention.index_minutes
+        gap = retention.onset_gap_minutes
         old_hist = old.history if old is not None else PresenceHistory()
-        for minute in new_onsets(old_hist, state.history, retention.onset_gap_minutes, floor):
+        if state.untrusted.runs or (old is not None and old.untrusted.runs):
+            onsets = trusted_onsets(state, gap, floor)
+            if old is not None:
+                onsets -= trusted_onsets(old, gap, floor)
+        else:
+            onsets = set(new_onsets(old_hist, state.history, gap, floor))
+        for minute in onsets:
             wb.put(ks.onset_key(rule, minute, encoded_key), b"")
     last_day = state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS)
     if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
@@ -105,6 +137,10 @@ class ApplyResult:
     # holding the batch's minutes), with its state: what `durable_entries` checks marks
     # against. Not the key cache, which a batch larger than `cache_keys` overflows.
     states: Mapping[tuple[str, KeyTuple], KeyState] = field(default_factory=dict)
+    # New minutes of keys that arrived late: beyond the trusted lateness, and inside windows
+    # of ticks that had already run (written to the late keyspace for the next tick).
+    late_untrusted: int = 0
+    late_after_tick: int = 0
 
 
 class FirstSeenStore:
@@ -133,20 +169,32 @@ class FirstSeenStore:
         # scrape. Bounded by cache_keys; a miss costs one RocksDB read.
         self._cache: dict[tuple[str, KeyTuple], tuple[bytes, KeyState]] = {}
         self._cache_keys = max(0, cache_keys)
+        self._late_seq = 0
+        self._refused_listed: dict[tuple[str, int], int] = {}
 
     # -- writes (IngestWriter thread only) -------------------------------------------------
 
     def apply(
-        self, batch: ObservationBatch, retention: Mapping[str, Retention], now_ms: int
+        self,
+        batch: ObservationBatch,
+        retention: Mapping[str, Retention],
+        now_ms: int,
+        sender_of: Callable[[RuleKey], str] | None = None,
+        watermarks: Mapping[str, int] | None = None,
     ) -> ApplyResult:
         """Merge `batch` into the stored records in one atomic, durable write.
 
-        Minutes already recorded cost a cache or RocksDB read and no write. Raises StoreError
-        (retryable) when RocksDB refuses the write; then nothing of the batch was applied and
-        the cache is left as it was before the call.
+        Minutes already recorded cost a cache or RocksDB read and no write. `sender_of` names
+        who sent a key (new-key budgets are charged to it). `watermarks` holds, per rule, the
+        latest tick whose evaluation may already have read the store: a new minute before it
+        is late for its tick and is listed for the next one (the late keyspace). Raises
+        StoreError (retryable) when RocksDB refuses the write; then nothing of the batch was
+        applied and the cache is left as it was before the call.
         """
         wb = Batch()
         written = created = refused = 0
+        late_untrusted = late_after_tick = 0
+        refused_hour = now_ms // 3_600_000
         hits: list[LimitHit] = []
         streamed: list[StreamHit] = []
         new_per_rule: dict[str, int] = {}
@@ -174,10 +222,20 @@ class FirstSeenStore:
             # Points inside minutes already recorded change nothing that evaluation reads; not
             # rewriting for them is what keeps writes at one per key per minute, not per scrape.
             # (So last_seen trails the latest point by less than a minute; first_seen is exact.)
+            # Minutes whose end lies more than the trusted lateness before now: untrusted.
+            late_before = (now_ms - ret.lateness_ms) // MINUTE_MS if ret.lateness_ms else -1
+            has_late = sighting.first_ms < late_before * MINUTE_MS
             if (
                 old is not None
                 and old.first_seen_ms <= sighting.first_ms
                 and old.history.contains_all(sighting.minutes)
+                and not (
+                    old.untrusted.runs
+                    and any(
+                        m >= late_before and old.untrusted.observed(m, m + 1)
+                        for m in sighting.minutes
+                    )
+                )
             ):
                 self._remember(rule_key, rkey, old)
                 held[rule_key] = old
@@ -188,14 +246,35 @@ class FirstSeenStore:
                 continue
             if old is None:
                 pos = self._host_field.get(rule)
-                verdict = self._guard.admit(rule, key[pos] if pos is not None else "", now_ms)
+                host = key[pos] if pos is not None else ""
+                sender = sender_of(rule_key) if sender_of is not None else ""
+                verdict = self._guard.admit(rule, host, now_ms, sender)
                 if verdict is not True:
                     refused += 1
                     if isinstance(verdict, LimitHit):
                         hits.append(verdict)
+                    self._list_refused(wb, rule, refused_hour, rkey, sender, sighting.first_ms)
                     continue
-            old_hist = old.history if old else PresenceHistory()
-            hist = old_hist.with_minutes(minutes).trimmed(horizon, ret.max_runs)
+            old_hist = old.history if old else _NO_HISTORY
+            grown = old_hist.with_minutes(minutes)
+            hist = grown.trimmed(horizon, ret.max_runs)
+            untrusted = old.untrusted if old else _NO_HISTORY
+            if has_late or untrusted.runs:
+                fresh_late = [
+                    m for m in minutes if m < late_before and not old_hist.observed(m, m + 1)
+                ]
+                late_untrusted += len(fresh_late)
+                on_time = PresenceHistory.of_minutes(m for m in minutes if m >= late_before)
+                untrusted = untrusted.with_minutes(fresh_late).without(on_time)
+                if untrusted.runs:
+                    # Gaps that trimming joined were never observed: never trusted either.
+                    untrusted = untrusted.union(hist.without(grown)).trimmed(horizon, ret.max_runs)
+            if watermarks and sighting.first_ms < watermarks.get(rule, 0):
+                mark_before = watermarks[rule] // MINUTE_MS
+                after = [m for m in minutes if m < mark_before and not old_hist.observed(m, m + 1)]
+                if after:
+                    late_after_tick += len(after)
+                    self._list_late(wb, rule, rkey, min(after), now_ms)
             if old is None:
                 self._note_entities(rule, key, sighting.first_ms, new_entities, wb)
                 fields = self._context_fields.get(rule)
@@ -205,9 +284,11 @@ class FirstSeenStore:
                     notes.append((key[c], key[h], key[p], name, sighting.first_ms))
             first_ms = min(old.first_seen_ms, sighting.first_ms) if old else sighting.first_ms
             last_ms = max(old.last_seen_ms, sighting.last_ms) if old else sighting.last_ms
-            state = KeyState(first_ms, last_ms, hist)
+            state = KeyState(first_ms, last_ms, hist, untrusted)
             encoded_key = rkey[len(ks.record_prefix(rule)) :]
             wb.put(rkey, encode_state(state))
+            # The activity index skips a key by its first_seen only while it is trusted.
+            first_value = ks.u64(first_ms) if not untrusted.runs else b""
             index_floor = (now_min - ret.index_minutes) // MINUTES_PER_HOUR
             for hour in {m // MINUTES_PER_HOUR for m in minutes}:
                 if hour >= index_floor and not old_hist.observed(
@@ -215,14 +296,18 @@ class FirstSeenStore:
                 ):
                     # The value is first_seen at write time: a real observation, so a key
                     # whose value lies in a baseline was observed there (see active_except...).
-                    wb.put(ks.activity_key(rule, hour, encoded_key), ks.u64(first_ms))
+                    wb.put(ks.activity_key(rule, hour, encoded_key), first_value)
             index_writes(wb, rule, encoded_key, old, state, ret, now_min)
             staged.append((rule_key, rkey, state))
             if ret.stream:
                 fresh = [m for m in minutes if not old_hist.observed(m, m + 1)]
                 m0 = min(fresh, default=None)
-                if m0 is not None and not old_hist.observed(
-                    m0 - ret.baseline_minutes, m0 + ret.window_minutes
+                if (
+                    m0 is not None
+                    and not old_hist.observed(m0, m0 + ret.window_minutes)
+                    and not (
+                        old is not None and old.trusted_observed(m0 - ret.baseline_minutes, m0)
+                    )
                 ):
                     streamed.append(StreamHit(rule, key, state, m0))
             written += 1
@@ -248,7 +333,70 @@ class FirstSeenStore:
         if len(self._entities) + len(new_entities) > 200_000:
             self._entities.clear()  # bounded; a miss costs one RocksDB read
         self._entities.update(new_entities)
-        return ApplyResult(written, created, refused, tuple(hits), tuple(streamed), held)
+        return ApplyResult(
+            written,
+            created,
+            refused,
+            tuple(hits),
+            tuple(streamed),
+            held,
+            late_untrusted,
+            late_after_tick,
+        )
+
+    def _list_late(self, wb: Batch, rule: str, rkey: bytes, minute: int, now_ms: int) -> None:
+        """List the key for the next tick's late check, keeping the earliest late minute. The
+        value changes with every write (a sequence number), so a tick deletes only entries it
+        saw unchanged (see `consume_late`)."""
+        zkey = ks.late_key(rule, rkey[len(ks.record_prefix(rule)) :])
+        existing = self._db.get(zkey)
+        if existing:
+            minute = min(minute, ks.late_minute(existing))
+        self._late_seq += 1
+        wb.put(zkey, ks.late_value(minute, (now_ms << 16) + (self._late_seq & 0xFFFF)))
+
+    def _list_refused(
+        self, wb: Batch, rule: str, hour: int, rkey: bytes, sender: str, first_ms: int
+    ) -> None:
+        """List a key a new-key cap refused (at most MAX_REFUSED_LISTED per rule and hour)."""
+        slot = (rule, hour)
+        listed = self._refused_listed.get(slot, 0)
+        if listed >= MAX_REFUSED_LISTED:
+            return
+        if len(self._refused_listed) > 1024:
+            self._refused_listed = {k: v for k, v in self._refused_listed.items() if k[1] == hour}
+        self._refused_listed[slot] = listed + 1
+        encoded = rkey[len(ks.record_prefix(rule)) :]
+        value = json.dumps({"sender": sender, "first_ms": first_ms}).encode()
+        wb.put(ks.refused_key(rule, hour, encoded), value)
+
+    # -- late and refused keys (read by the tick runner) -----------------------------------
+
+    def late_entries(self, rule: str) -> list[tuple[bytes, bytes]]:
+        """The late keyspace of `rule`: (RocksDB key, value) pairs, oldest write order aside."""
+        return list(self._db.scan_prefix(ks.late_prefix(rule)))
+
+    def late_unchanged(self, entries: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+        """Of `entries` read before, the RocksDB keys whose value is still the same (no write
+        since): those a tick may delete. Call under the watermark fence."""
+        pairs = list(entries)
+        now = self._db.get_many([k for k, _ in pairs])
+        return [k for (k, v), cur in zip(pairs, now, strict=True) if cur == v]
+
+    def decode_late(self, rule: str, raw_key: bytes, value: bytes) -> tuple[KeyTuple, int]:
+        return decode_key(raw_key[len(ks.late_prefix(rule)) :]), ks.late_minute(value)
+
+    def refused_entries(self, rule: str) -> list[tuple[bytes, KeyTuple, dict[str, object]]]:
+        """Keys the new-key caps refused and no tick has listed yet: (RocksDB key, key, info)."""
+        prefix = ks.refused_prefix(rule)
+        out = []
+        for raw, value in self._db.scan_prefix(prefix):
+            try:
+                info = json.loads(value)
+            except ValueError:
+                info = {}
+            out.append((raw, decode_key(raw[len(prefix) + 4 :]), info))
+        return out
 
     def _note_entities(
         self, rule: str, key: KeyTuple, first_ms: int, pending: dict[bytes, int], wb: Batch
@@ -284,6 +432,8 @@ class FirstSeenStore:
                 state = states.get(rule_key)
                 if state is None or not state.history.observed(mark.minute, mark.minute + 1):
                     break
+                if state.untrusted.observed(mark.minute, mark.minute + 1):
+                    break  # an on-time point of that minute must still reach the store
                 floor = max(floor, state.first_seen_ms)
             else:
                 if floor <= mark.earliest_ms:

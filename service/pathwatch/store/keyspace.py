@@ -12,6 +12,11 @@
 - ``H kind 0x00 name`` -> u64be ms: first observation of a host (kind ``h``) or cluster (``c``)
 - ``I alert-id`` -> u64be ms: the alert exists (deduplication across stream and schedule)
 - ``S rule 0x00 suppression-key`` -> u64be ms: the last alert for it (suppress_for)
+- ``Z rule 0x00 key`` -> u32be earliest late minute + u64be write sequence: the key got
+  minutes inside windows of ticks that had already run; the next tick checks it again and
+  deletes the entry (late data is never lost)
+- ``F rule 0x00 hour:u32be key`` -> JSON {sender, host, first_ms}: a new key a new-key cap
+  refused; the next tick lists it in a summary alert and deletes the entry
 - ``M name`` -> metadata (first start, sequence numbers)
 
 Rule ids and sink names never contain NUL (config validation), so ``tag name 0x00`` is a prefix
@@ -137,3 +142,30 @@ def u64(value: int) -> bytes:
 def from_u64(raw: bytes) -> int:
     (value,) = _U64.unpack(raw[:8])
     return int(value)
+
+
+def late_key(rule: str, key: bytes) -> bytes:
+    return _scoped(b"Z", rule) + key
+
+
+def late_prefix(rule: str) -> bytes:
+    return _scoped(b"Z", rule)
+
+
+_LATE = struct.Struct(">IQ")
+
+
+def late_value(minute: int, seq: int) -> bytes:
+    return _LATE.pack(max(0, minute), seq)
+
+
+def late_minute(raw: bytes) -> int:
+    return int(_LATE.unpack(raw[: _LATE.size])[0])
+
+
+def refused_key(rule: str, hour: int, key: bytes) -> bytes:
+    return _scoped(b"F", rule) + _U32.pack(hour) + key
+
+
+def refused_prefix(rule: str) -> bytes:
+    return _scoped(b"F", rule)

@@ -77,6 +77,50 @@ class PresenceHistory:
             return max(run_start, start)
         return None
 
+    def union(self, other: PresenceHistory) -> PresenceHistory:
+        if not other.runs:
+            return self
+        if not self.runs:
+            return other
+        return PresenceHistory(_merge(self.runs, other.runs))
+
+    def without(self, other: PresenceHistory) -> PresenceHistory:
+        """The minutes of this history that `other` does not hold."""
+        if not self.runs or not other.runs:
+            return self
+        out: list[Run] = []
+        cut = other.runs
+        j = 0
+        for start, end in self.runs:
+            s = start
+            while j < len(cut) and cut[j][1] <= s:
+                j += 1
+            k = j
+            while s < end and k < len(cut) and cut[k][0] < end:
+                c_start, c_end = cut[k]
+                if c_start > s:
+                    out.append((s, c_start))
+                s = max(s, c_end)
+                k += 1
+            if s < end:
+                out.append((s, end))
+        return PresenceHistory(tuple(out))
+
+    def observed_outside(self, start: int, end: int, other: PresenceHistory) -> bool:
+        """Was the key observed in ``[start, end)`` at a minute that `other` does not hold?"""
+        if not other.runs:
+            return self.observed(start, end)
+        if not self.observed(start, end):
+            return False
+        clipped = PresenceHistory(
+            tuple((max(s, start), min(e, end)) for s, e in self.runs if s < end and e > start)
+        )
+        return bool(clipped.without(other).runs)
+
+    def run_starts(self, since: int) -> list[int]:
+        """Starts of runs at or after `since`."""
+        return [s for s, _ in self.runs if s >= since]
+
     @property
     def first_minute(self) -> int | None:
         return self.runs[0][0] if self.runs else None

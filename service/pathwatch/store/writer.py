@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from pathwatch.clock import Clock
-from pathwatch.observations import Mark, ObservationBatch, merge_into
+from pathwatch.observations import Mark, ObservationBatch, RuleKey, merge_into
 from pathwatch.store.db import StoreError
 from pathwatch.store.durable import DurableResources
 from pathwatch.store.firstseen import FirstSeenStore, Retention, StreamHit
@@ -31,6 +31,30 @@ class Backpressure(Exception):
 
 class WriteFailed(Exception):
     """The store could not write the batch (disk full, RocksDB error). Retryable."""
+
+
+class TickWatermarks:
+    """Per rule, the latest tick whose evaluation may have read the store, shared by the tick
+    runner and the writer so that no observation falls between them.
+
+    The runner calls `advance` before it evaluates a tick; the writer holds `lock` from reading
+    the watermarks until its commit. So a write either committed before the evaluation read
+    the store (the evaluation sees it) or read a watermark that covers the tick (the write
+    lists its minutes as late, for the next tick). `advance` waits at most one commit.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._through: dict[str, int] = {}
+
+    def advance(self, rule_id: str, tick_ms: int) -> None:
+        with self.lock:
+            if tick_ms > self._through.get(rule_id, -1):
+                self._through[rule_id] = tick_ms
+
+    def snapshot(self) -> dict[str, int]:
+        """Call with `lock` held."""
+        return dict(self._through)
 
 
 class Ticket:
@@ -75,8 +99,10 @@ class IngestWriter:
         on_limit: Callable[[tuple[LimitHit, ...]], None] = lambda hits: None,
         on_stream: Callable[[tuple[StreamHit, ...]], None] = lambda hits: None,
         durable: DurableResources | None = None,
+        watermarks: TickWatermarks | None = None,
     ) -> None:
         self._durable = durable
+        self.watermarks = watermarks or TickWatermarks()
         self._on_limit = on_limit
         self._on_stream = on_stream
         self._store = store
@@ -85,7 +111,7 @@ class IngestWriter:
         self._metrics = metrics
         self._config = config or WriterConfig()
         self._cond = threading.Condition()
-        self._queue: deque[tuple[ObservationBatch, Ticket, Sequence[Mark]]] = deque()
+        self._queue: deque[tuple[ObservationBatch, Ticket, Sequence[Mark], str]] = deque()
         self._pending = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -126,7 +152,7 @@ class IngestWriter:
                 raise Backpressure("pathwatch is shutting down")
             if self._pending + len(batch) > self._config.max_pending_keys and self._pending > 0:
                 raise Backpressure(f"write queue full ({self._pending} keys pending)")
-            self._queue.append((batch, ticket, marks))
+            self._queue.append((batch, ticket, marks, sender))
             self._pending += len(batch)
             self._metrics.store_pending_keys.set(self._pending)
             self._cond.notify()
@@ -147,17 +173,37 @@ class IngestWriter:
             if stopping and not items:
                 return
 
-    def _write(self, items: list[tuple[ObservationBatch, Ticket, Sequence[Mark]]]) -> None:
+    def _write(self, items: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]]) -> None:
+        senders: dict[RuleKey, str] = {}
         if len(items) == 1:
             merged = items[0][0]  # the common case under light load: nothing to merge
+            only = items[0][3]
+
+            def sender_of(rk: RuleKey) -> str:
+                return only
+
         else:
             merged = {}
-            for batch, _, _ in items:
+            for batch, _, _, _ in items:
                 merge_into(merged, batch)
+            # A new key is charged to the first sender that brought it (only new keys ask).
+            for batch, _, _, sender in reversed(items):
+                senders.update(dict.fromkeys(batch, sender))
+
+            def sender_of(rk: RuleKey) -> str:
+                return senders.get(rk, "")
+
         error: Exception | None = None
         started = self._clock.monotonic()
         try:
-            result = self._store.apply(merged, self._retention(), self._clock.now_ms())
+            with self.watermarks.lock:
+                result = self._store.apply(
+                    merged,
+                    self._retention(),
+                    self._clock.now_ms(),
+                    sender_of,
+                    self.watermarks.snapshot(),
+                )
         except StoreError as exc:
             error = WriteFailed(str(exc))
             if self.last_error is None:
@@ -171,19 +217,22 @@ class IngestWriter:
             if self._durable is not None:
                 self._durable.add(
                     self._store.durable_entries(
-                        (m for _, _, marks in items for m in marks), result.states
+                        (m for _, _, marks, _ in items for m in marks), result.states
                     )
                 )
             self._metrics.store_keys_written.inc(result.keys_written)
             self._metrics.store_keys_created.inc(result.keys_created)
+            if result.late_untrusted:
+                self._metrics.late_points.labels(outcome="untrusted").inc(result.late_untrusted)
+            if result.late_after_tick:
+                self._metrics.late_points.labels(outcome="after_tick").inc(result.late_after_tick)
             if result.keys_refused:
                 self._metrics.keys_refused.inc(result.keys_refused)
             if result.limit_hits:
                 for hit in result.limit_hits:
-                    scope = "fleet" if hit.host is None else "host"
-                    self._metrics.key_limit_hits.labels(scope=scope).inc()
+                    self._metrics.key_limit_hits.labels(scope=hit.scope).inc()
                     log.warning("new-key limit reached", rule=hit.rule_id, host=hit.host,
-                                limit=hit.limit)  # fmt: skip
+                                sender=hit.sender, limit=hit.limit)  # fmt: skip
                 try:
                     self._on_limit(result.limit_hits)
                 except Exception:
@@ -196,9 +245,9 @@ class IngestWriter:
                     log.exception("cannot record stream alerts; the next tick will")
             self._metrics.store_write_seconds.observe(self._clock.monotonic() - started)
         with self._cond:
-            self._pending -= sum(t.size for _, t, _ in items)
+            self._pending -= sum(t.size for _, t, _, _ in items)
             self._metrics.store_pending_keys.set(self._pending)
-        for _, ticket, _ in items:
+        for _, ticket, _, _ in items:
             ticket._finish(error)
 
     def _expire(self) -> None:
