@@ -37,6 +37,12 @@ if not FIXTURES.exists():  # CI lays shared/ beside the clone; a checkout elsewh
 
 EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 RULE = "kubernetes_process_running_from_new_path"
+BUILTIN_RULE_IDS = (
+    RULE,
+    "kubernetes_process_new_path_per_node",
+    "kubernetes_previously_unseen_process",
+    "kubernetes_process_new_path_in_cluster",
+)
 
 
 @dataclass
@@ -173,6 +179,14 @@ class ServiceProcess:
         # receiver settings still get an ephemeral loopback port unless they name one.
         receiver = cfg["receiver"] = dict(cfg["receiver"])
         receiver["http"] = {"listen": "127.0.0.1:0", **receiver.get("http", {})}
+        # Tests write hours of history over OTLP and evaluate the tick they just wrote: unless a
+        # test says otherwise, trust every timestamp (the reference search does) and let a tick
+        # run without waiting for its rule's delay.
+        receiver.setdefault("max_baseline_lateness", "0s")
+        rules = {r["id"]: dict(r) for r in cfg.get("rules", [])}
+        for rule_id in BUILTIN_RULE_IDS:
+            rules.setdefault(rule_id, {"id": rule_id}).setdefault("delay", "0s")
+        cfg["rules"] = list(rules.values())
         path = self.data_dir.parent / f"{self.data_dir.name}-config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PATHWATCH_")}

@@ -18,8 +18,10 @@ from opentelemetry.proto.common.v1 import common_pb2
 
 from pathwatch.config.model import (
     Config,
+    Duration,
     GrpcReceiverConfig,
     HttpConfig,
+    HttpReceiverConfig,
     LogConfig,
     ReceiverConfig,
     RuleConfig,
@@ -77,10 +79,17 @@ def run_demo(out: TextIO) -> int:
     workdir = tempfile.mkdtemp(prefix="pathwatch-demo-")
     config = Config(
         data_dir=workdir,
-        receiver=ReceiverConfig(grpc=GrpcReceiverConfig(listen="127.0.0.1:0")),
+        # Every listener on an ephemeral loopback port: the demo runs beside real collectors.
+        # The demo replays hours of history over OTLP, so it trusts every timestamp (as the
+        # reference search does), and its tick runs at once rather than after the rule's delay.
+        receiver=ReceiverConfig(
+            grpc=GrpcReceiverConfig(listen="127.0.0.1:0"),
+            http=HttpReceiverConfig(listen="127.0.0.1:0"),
+            max_baseline_lateness=Duration(0.0),
+        ),
         http=HttpConfig(listen="127.0.0.1:0"),
         log=LogConfig(level="error"),
-        rules=[RuleConfig(id=PARITY_RULE_ID)],
+        rules=[RuleConfig(id=PARITY_RULE_ID, delay=Duration(0.0))],
     )
     service = Service(config)
 
