@@ -140,6 +140,10 @@ def fixture_request(time_ms: int, host: str = "node-1") -> ms.ExportMetricsServi
     return req
 
 
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def minute_floor(ms_: int) -> int:
     return ms_ - ms_ % 60_000
 
@@ -365,8 +369,12 @@ class GatedStore(FirstSeenStore):
         self.entered = threading.Event()
 
     def apply(
-        self, batch: ObservationBatch, retention: Mapping[str, Retention], now_ms: int
+        self,
+        batch: ObservationBatch,
+        retention: Mapping[str, Retention],
+        now_ms: int,
+        *args: Any,
     ) -> ApplyResult:
         self.entered.set()
         self.gate.wait(30)
-        return super().apply(batch, retention, now_ms)
+        return super().apply(batch, retention, now_ms, *args)
