@@ -7,13 +7,17 @@ in constant time and never logged.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import os
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger(component="access")
 
 _CHECK_INTERVAL_S = 1.0
 
@@ -22,17 +26,23 @@ class AccessConfigError(ValueError):
     """A token or certificate setting cannot be used (missing file, empty value)."""
 
 
-def _stamp(path: str) -> tuple[int, int]:
-    st = os.stat(path)
+def _stamp(path: str) -> tuple[int, int] | None:
+    """(mtime, size) of `path`, None while it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return st.st_mtime_ns, st.st_size
 
 
 class _Watched:
-    """Calls `load` again when any of `paths` changed since the last call (rate-limited)."""
+    """Says whether any of `paths` changed since the last look (rate-limited to one look a
+    second). A file that disappears is a change, and so is its return: the caller's reload
+    then fails, is reported once, and keeps what works."""
 
     def __init__(self, paths: list[str]) -> None:
         self._paths = paths
-        self._stamps: list[tuple[int, int]] | None = None
+        self._stamps: list[tuple[int, int] | None] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
 
@@ -42,10 +52,7 @@ class _Watched:
             if self._stamps is not None and now - self._checked < _CHECK_INTERVAL_S:
                 return False
             self._checked = now
-            try:
-                stamps = [_stamp(p) for p in self._paths]
-            except OSError:
-                return False  # mid-rotation (file replaced): keep what works, look again soon
+            stamps = [_stamp(p) for p in self._paths]
             if stamps == self._stamps:
                 return False
             self._stamps = stamps
@@ -57,12 +64,17 @@ class BearerToken:
 
     From `value`, `file` (re-read when it changes) or the environment variable `env`; all
     None means no authentication. Raises AccessConfigError when a source is given but empty.
+    A token file that later disappears or is emptied keeps the last good token in force: a
+    warning names the file and `on_reload_failure` (set by the listener, e.g. to count it) is
+    called once per such change.
     """
 
     def __init__(self, value: str | None, file: str | None, env: str | None, where: str) -> None:
         self._file = file
+        self._where = where
         self._token: bytes | None = None
         self._watch = _Watched([file]) if file else None
+        self.on_reload_failure: Callable[[], None] | None = None
         if value:
             self._token = value.encode()
         elif env:
@@ -79,6 +91,11 @@ class BearerToken:
     def enabled(self) -> bool:
         return self._token is not None
 
+    @property
+    def listener(self) -> str:
+        """The listener's config path, e.g. "receiver.grpc" (a metric label)."""
+        return self._where.removesuffix(".auth.bearer_token")
+
     def _read(self) -> bytes:
         assert self._file is not None
         try:
@@ -90,14 +107,29 @@ class BearerToken:
             raise AccessConfigError(f"bearer token file {self._file} is empty")
         return token
 
+    def _reload(self) -> None:
+        try:
+            self._token = self._read()
+        except AccessConfigError as exc:
+            # Keep the previous token rather than lock everyone out (or let everyone in)
+            # mid-rotation; say so, since a token nobody can rotate away is a risk too.
+            log.warning(
+                "cannot reload the bearer token file; keeping the last good token",
+                listener=self.listener,
+                file=self._file,
+                error=str(exc),
+            )
+            if self.on_reload_failure is not None:
+                self.on_reload_failure()
+            return
+        log.info("reloaded the bearer token file", listener=self.listener, file=self._file)
+
     def accepts(self, authorization: str | None) -> bool:
         """True when no token is configured or `authorization` carries it (constant time)."""
         if self._token is None:
             return True
         if self._watch is not None and self._watch.changed():
-            # Keep the previous token rather than lock everyone out mid-rotation.
-            with contextlib.suppress(AccessConfigError):
-                self._token = self._read()
+            self._reload()
         if not authorization:
             return False
         scheme, _, presented = authorization.strip().partition(" ")
