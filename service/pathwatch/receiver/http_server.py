@@ -13,12 +13,18 @@ as protobuf and means exactly the same thing. The answer uses the request's enco
 - retryable, with ``Retry-After``: 429 when the write queue is full, 503 when the store fails,
   the write is not durable within ``ack_timeout``, or every connection slot is taken.
 
-Bounds: at most ``max_concurrent_requests`` connections are served at once, each by one thread;
-past that a few spare threads only answer 503, and past those a connection is closed unread (the
-client retries). A body is read only when its declared length is within the limit, and gzip or
-deflate is inflated with a hard cap, so a decompression bomb costs the limit, not its ratio. An
-idle keep-alive connection gives its slot back after a few seconds, at once when the server is
-more than half busy.
+Bounds (the connection handling is in _http_transport): connections that have sent nothing
+wait without a thread; at most ``max_concurrent_requests`` are served at once, each by one
+thread; past that a few spare threads only answer 503, and past those a connection is closed
+unread (the client retries). Headers and body must arrive within ``read_timeout`` of the
+request's first byte (408 and closed past it). A body is read only when its declared length is
+within the limit, and gzip or deflate is inflated with a hard cap, so a decompression bomb
+costs the limit, not its ratio. OTLP/JSON costs about ten times its size to parse: it has its
+own, smaller limit (``max_json_message_size``, as sent and inflated) and at most
+``max_concurrent_json_decodes`` JSON bodies are read and parsed at once (503 + Retry-After past
+it). An idle keep-alive connection gives its slot back after a few seconds, at once when the
+server is more than half busy. Every such refusal is counted in
+pathwatch_receiver_overload_total{receiver="http"}.
 """
 
 from __future__ import annotations
@@ -26,13 +32,11 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import socketserver
 import ssl
 import threading
 import time
 import zlib
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -45,9 +49,11 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
+from pathwatch.access import BearerToken, TlsFiles
 from pathwatch.config.model import HttpReceiverConfig
 from pathwatch.receiver._accounting import count_decoded, write_durably
+from pathwatch.receiver._http_transport import BoundedHandler, BoundedHttpServer, split_listen
+from pathwatch.receiver._identity import HostFilter, sender_of, tls_identity
 from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds, rejection_message
 from pathwatch.store.writer import IngestWriter
 from pathwatch.telemetry.metrics import Metrics
@@ -62,16 +68,14 @@ _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _ENCODINGS = {"identity": 0, "gzip": _GZIP_WBITS, "x-gzip": _GZIP_WBITS, "deflate": zlib.MAX_WBITS}
 _RETRY_AFTER_S = 1
 _IDLE_TIMEOUT_S = 5.0  # a keep-alive connection waiting for its next request holds a slot
-_IO_TIMEOUT_S = 30.0  # longest stall while a body is read or a response written
-_HANDSHAKE_TIMEOUT_S = 10.0
 _CHUNKED_DRAIN_BYTES = 1 << 20  # at most this much of a refused chunked body is drained
 _LINGER_S = 2.0  # after answering early, drain the unread body this long so the client sees it
-_SPARE_THREADS = 4  # past every slot, threads that only answer 503
 _RPC_CODES = {
     400: code_pb2.INVALID_ARGUMENT,
     401: code_pb2.UNAUTHENTICATED,
     404: code_pb2.NOT_FOUND,
     405: code_pb2.UNIMPLEMENTED,
+    408: code_pb2.DEADLINE_EXCEEDED,
     411: code_pb2.INVALID_ARGUMENT,
     413: code_pb2.RESOURCE_EXHAUSTED,
     415: code_pb2.INVALID_ARGUMENT,
@@ -101,7 +105,7 @@ class _Reject(Exception):
         self.bad_request = bad_request
 
 
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+def _inflate(body: bytes, encoding: str, limit: int, setting: str) -> bytes:
     """`body` decoded per Content-Encoding, never more than `limit` bytes of output produced
     (one byte more proves it too large). Concatenated gzip members are read as one stream."""
     wbits = _ENCODINGS[encoding]
@@ -120,7 +124,9 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
             ) from None
         size += len(chunk)
         if size > limit:
-            raise _Reject(413, f"request body exceeds {limit} bytes after decompression")
+            raise _Reject(
+                413, f"request body exceeds {setting} ({limit} bytes) after decompression"
+            )
         if not inflater.eof:
             raise _Reject(400, f"the {encoding} body is truncated", bad_request=True)
         parts.append(chunk)
@@ -150,160 +156,44 @@ def _encode(message: Message, media: str) -> bytes:
     return message.SerializeToString()
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise OSError(f"receiver.http.listen: {listen!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+class _Server(BoundedHttpServer):
+    receiver: OtlpHttpReceiver
 
 
-class _Server(ThreadingHTTPServer):
-    """Thread per connection, bounded by a semaphore; TLS per connection with the current
-    certificate (re-read when its files change); tracks connections for a bounded shutdown."""
-
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        receiver: OtlpHttpReceiver,
-        slots: int,
-        tls: TlsFiles | None,
-    ) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.receiver = receiver
-        self.capacity = max(1, slots)
-        self._slots = threading.BoundedSemaphore(self.capacity)
-        self._spare = threading.BoundedSemaphore(_SPARE_THREADS)
-        self._cond = threading.Condition()
-        self._open: set[Any] = set()
-        self._inflight = 0
-        self.closing = False
-        self._tls = tls
-        self._context: ssl.SSLContext | None = None
-        self._watch: Any = None
-        if self._tls is not None:
-            self._watch = self._tls.watcher()
-            self._watch.changed()
-            self._context = self._tls.server_context()
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN (a DNS lookup); nothing here needs it.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "pathwatch", self.server_address[1]
-
-    def get_request(self) -> tuple[Any, Any]:
-        sock, addr = super().get_request()
-        if self._tls is None:
-            return sock, addr
-        if self._watch.changed():
-            try:
-                self._context = self._tls.server_context()
-                log.info("reloaded TLS certificate for the OTLP/HTTP receiver")
-            except AccessConfigError as exc:
-                log.error("cannot reload TLS files; keeping the current ones", error=str(exc))
-        assert self._context is not None
-        return self._context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False
-        ), addr
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if self._slots.acquire(blocking=False):
-            handler: type[_Handler] = _Handler
-            release = self._slots.release
-        elif self._spare.acquire(blocking=False):
-            handler, release = _BusyHandler, self._spare.release
-        else:
-            self.shutdown_request(request)  # past every bound: a closed connection, retried
-            return
-        try:
-            threading.Thread(
-                target=self._serve,
-                args=(request, client_address, handler, release),
-                name="pathwatch-otlp-http",
-                daemon=True,
-            ).start()
-        except RuntimeError:  # no thread to be had: same as past every bound
-            release()
-            self.shutdown_request(request)
-
-    def _serve(
-        self, request: Any, client_address: Any, handler: type[_Handler], release: Callable[[], Any]
-    ) -> None:
-        with self._cond:
-            self._open.add(request)
-        try:
-            if isinstance(request, ssl.SSLSocket):
-                request.settimeout(_HANDSHAKE_TIMEOUT_S)
-                request.do_handshake()
-            handler(request, client_address, self)
-        except (OSError, ssl.SSLError) as exc:
-            log.debug("otlp http connection ended", error=str(exc))
-        except Exception:
-            log.exception("otlp http connection failed")
-        finally:
-            with self._cond:
-                self._open.discard(request)
-            self.shutdown_request(request)
-            release()
-
-    def keep_alive(self) -> bool:
-        """Whether an answered connection may wait for another request: not when shutting
-        down, nor when more than half the slots are taken (idle clients must not hog them)."""
-        return not self.closing and len(self._open) <= self.capacity // 2
-
-    def begin(self) -> None:
-        with self._cond:
-            self._inflight += 1
-
-    def end(self) -> None:
-        with self._cond:
-            self._inflight -= 1
-            self._cond.notify_all()
-
-    def stop(self, grace: float) -> None:
-        """Stop accepting, let in-flight exports finish for up to `grace` seconds, then cut
-        every connection still open (idle keep-alives, or exports past the grace)."""
-        self.closing = True
-        self.shutdown()
-        deadline = time.monotonic() + grace
-        with self._cond:
-            while self._inflight and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
-            still_open = list(self._open)
-        for sock in still_open:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "pathwatch"
-    timeout = _IDLE_TIMEOUT_S
+class _Handler(BoundedHandler):
     _unread = 0  # bytes of the current request's body not read (drained before closing)
 
     @property
     def _srv(self) -> _Server:
         return cast(_Server, self.server)
 
-    def version_string(self) -> str:
-        return self.server_version  # no Python version in the Server header
-
     def log_message(self, format: str, *args: Any) -> None:
         pass  # outcomes are counted in metrics; per-request lines would flood the log
 
     def handle_one_request(self) -> None:
         self._unread = 0
-        self.connection.settimeout(_IDLE_TIMEOUT_S)
         super().handle_one_request()
+
+    def answer_timeout(self) -> None:
+        self.close_connection = True
+        self._unread = 0
+        self._reject(
+            _Reject(408, "the request did not arrive within receiver.http.read_timeout", None),
+            PROTOBUF,
+        )
+
+    def answer_busy(self) -> None:
+        self._prepare_body()
+        self.close_connection = True
+        self._reject(
+            _Reject(503, "pathwatch is serving its maximum of connections", None,
+                    retry_after=_RETRY_AFTER_S),
+            PROTOBUF,
+        )  # fmt: skip
 
     # -- dispatch ------------------------------------------------------------------------
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         if urlsplit(self.path).path != METRICS_PATH:
             self._prepare_body()
             self._reject(_Reject(404, f"no such endpoint; POST OTLP metrics to {METRICS_PATH}",
@@ -322,22 +212,22 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reject(_Reject(404, "no such endpoint", None), PROTOBUF)
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._other_method()
 
-    def do_HEAD(self) -> None:
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._other_method()
 
-    def do_PUT(self) -> None:
+    def do_PUT(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._other_method()
 
-    def do_DELETE(self) -> None:
+    def do_DELETE(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._other_method()
 
-    def do_PATCH(self) -> None:
+    def do_PATCH(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._other_method()
 
-    def do_OPTIONS(self) -> None:
+    def do_OPTIONS(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._other_method()
 
     # -- export --------------------------------------------------------------------------
@@ -380,7 +270,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reject(reject, media or PROTOBUF)
             return
         except (TimeoutError, ConnectionError):
-            self.close_connection = True  # the client stalled or left mid-body: no answer
+            # The client stalled (answered 408 by the transport) or left mid-body.
+            self.close_connection = True
+            self._unread = 0
             return
         except Exception:
             log.exception("otlp http export failed")
@@ -415,22 +307,25 @@ class _Handler(BaseHTTPRequestHandler):
         limit = int(config.max_receive_message_size)
         if length > limit:
             raise _Reject(413, f"request body of {length} bytes exceeds the limit of {limit}")
-        self.connection.settimeout(_IO_TIMEOUT_S)
-        body = self.rfile.read(length)
-        self._unread = 0
-        if len(body) < length:
-            raise ConnectionError("the client closed the connection mid-body")
-        raw = _inflate(body, encoding, limit)
-        metrics.export_bytes.observe(len(raw))
         if media == JSON:
-            raw = _json_to_protobuf(raw)
+            raw = self._read_json(receiver, length, encoding)
+        else:
+            raw = _inflate(self._read_body(length), encoding, limit, "the limit")
+            metrics.export_bytes.observe(len(raw))
+        identity = None
+        if isinstance(self.connection, ssl.SSLSocket):
+            identity = tls_identity(self.connection.getpeercert())
+        host_filter: HostFilter | None = None
+        if receiver._bind_hosts:
+            host_filter = identity.host_filter() if identity is not None else _nobody
         bounds = receiver._bounds()
         try:
-            result = receiver._decoder.decode(raw, bounds)
+            result = receiver._decoder.decode(raw, bounds, host_filter=host_filter)
         except InvalidRequest as exc:
             raise _Reject(400, str(exc), bad_request=True) from None
+        sender = sender_of(identity, str(self.client_address[0]))
         overloaded, problem = write_durably(
-            receiver._writer, result, float(config.ack_timeout), sender=str(self.client_address[0])
+            receiver._writer, result, float(config.ack_timeout), sender=sender
         )
         if problem:
             status = 429 if overloaded else 503
@@ -444,6 +339,44 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             metrics.export_requests.labels(outcome="ok").inc()
         return _encode(response, media)
+
+    def _read_body(self, length: int) -> bytes:
+        body = self.rfile.read(length)  # within read_timeout of the request's first byte
+        self._unread = 0
+        if len(body) < length:
+            raise ConnectionError("the client closed the connection mid-body")
+        return body
+
+    def _read_json(self, receiver: OtlpHttpReceiver, length: int, encoding: str) -> bytes:
+        """An OTLP/JSON body as protobuf bytes, within the JSON bounds: its size as sent and
+        inflated, and how many are read and parsed at once (the body is not read when every
+        decode slot is taken)."""
+        config = receiver._config
+        limit = int(config.max_json_message_size)
+        setting = f"receiver.http.max_json_message_size ({limit} bytes) for OTLP/JSON"
+        if length > limit:
+            raise _Reject(
+                413,
+                f"request body of {length} bytes exceeds {setting}; "
+                f"send protobuf ({PROTOBUF}) or smaller batches",
+            )
+        if not receiver._json_decodes.acquire(blocking=False):
+            receiver._metrics.receiver_overload.labels(receiver="http", reason="json_decodes").inc()
+            raise _Reject(
+                503,
+                f"pathwatch is decoding its maximum of {config.max_concurrent_json_decodes} "
+                "OTLP/JSON requests",
+                "unavailable",
+                retry_after=_RETRY_AFTER_S,
+            )
+        try:
+            raw = _inflate(
+                self._read_body(length), encoding, limit, "receiver.http.max_json_message_size"
+            )
+            receiver._metrics.export_bytes.observe(len(raw))
+            return _json_to_protobuf(raw)
+        finally:
+            receiver._json_decodes.release()
 
     # -- answers -------------------------------------------------------------------------
 
@@ -480,7 +413,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(
         self, status: int, body: bytes, media: str, headers: list[tuple[str, str]] | None = None
     ) -> None:
-        self.connection.settimeout(_IO_TIMEOUT_S)
         self.send_response(status)
         self.send_header("Content-Type", media)
         self.send_header("Content-Length", str(len(body)))
@@ -499,11 +431,10 @@ class _Handler(BaseHTTPRequestHandler):
         client is still sending (bounded in time), so it reads the answer instead of a reset."""
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + _LINGER_S
+        self.reader.drain_for(_LINGER_S)
         left = self._unread
-        while left > 0 and (wait := deadline - time.monotonic()) > 0:
+        while left > 0:
             try:
-                self.connection.settimeout(wait)
                 chunk = self.rfile.read1(min(left, 1 << 16))
             except (OSError, ValueError):
                 break
@@ -517,17 +448,16 @@ class _Handler(BaseHTTPRequestHandler):
 class _BusyHandler(_Handler):
     """Runs on a spare thread when every slot is taken: answers 503 and closes."""
 
-    def do_POST(self) -> None:
-        self._prepare_body()
-        self.close_connection = True
-        self._reject(
-            _Reject(503, "pathwatch is serving its maximum of connections", None,
-                    retry_after=_RETRY_AFTER_S),
-            PROTOBUF,
-        )  # fmt: skip
+    def do_POST(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
+        self.answer_busy()
 
     def _other_method(self) -> None:
-        self.do_POST()
+        self.answer_busy()
+
+
+def _nobody(host: str) -> bool:
+    """The host filter for a connection without a client certificate: no host is its own."""
+    return False
 
 
 class OtlpHttpReceiver:
@@ -553,9 +483,16 @@ class OtlpHttpReceiver:
         self._metrics = metrics
         self._token = token
         self._tls = tls
+        # Identity binding needs a verified client certificate: mTLS (validated by config).
+        self._bind_hosts = bool(tls and tls.client_ca_file and config.tls.require_host_match)
+        self._json_decodes = threading.BoundedSemaphore(max(1, config.max_concurrent_json_decodes))
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
+        if token is not None:
+            token.on_reload_failure = lambda: metrics.token_reload_failures.labels(
+                listener=token.listener
+            ).inc()
 
     @property
     def serving(self) -> bool:
@@ -565,9 +502,21 @@ class OtlpHttpReceiver:
         if self._server is not None:
             return
         listen = self._config.listen
-        address = _split_listen(listen)
+        address = split_listen(listen, "receiver.http.listen")
+        overload = self._metrics.receiver_overload
         try:
-            server = _Server(address, self, self._config.max_concurrent_requests, self._tls)
+            server = _Server(
+                address,
+                _Handler,
+                _BusyHandler,
+                slots=self._config.max_concurrent_requests,
+                read_timeout=float(self._config.read_timeout),
+                idle_timeout=_IDLE_TIMEOUT_S,
+                overload=lambda reason: overload.labels(receiver="http", reason=reason).inc(),
+                tls=self._tls,
+                name="pathwatch-otlp-http",
+            )
+            server.receiver = self
         except OSError as exc:
             raise OSError(
                 f"receiver.http.listen: cannot listen on {listen}: {exc.strerror or exc}"
@@ -589,6 +538,7 @@ class OtlpHttpReceiver:
             tls=self._tls is not None,
             mtls=bool(self._tls and self._tls.client_ca_file),
             auth=bool(self._token and self._token.enabled),
+            require_host_match=self._bind_hosts,
         )
 
     def shutdown(self, grace: float = 5.0) -> None:
