@@ -1,26 +1,27 @@
 """AdminHttpServer: health, readiness, Prometheus metrics and the /api/v1 endpoints.
 
-Low-traffic by design (operators and probes), so a thread per request from the standard library
-is enough. Every response is JSON except /metrics; every client error is 400 with a message that
-names the problem.
+Low-traffic by design (operators and probes), so a thread per connection is enough, within the
+bounds of receiver/_http_transport: idle connections hold no thread, at most
+`http.max_concurrent_requests` are served at once (503 + Retry-After past it), and a request must
+arrive within `http.read_timeout` (408). Every response is JSON except /metrics; every client
+error is 400 with a message that names the problem.
 """
 
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pathwatch.access import AccessConfigError, BearerToken, TlsFiles
+from pathwatch.access import BearerToken, TlsFiles
 from pathwatch.alerts.event import parse_rfc3339, rfc3339
 from pathwatch.clock import MINUTE_MS
+from pathwatch.receiver._http_transport import BoundedHandler, BoundedHttpServer
 
 if TYPE_CHECKING:
     from pathwatch.app.service import Service
@@ -53,39 +54,6 @@ def _query_time(query: dict[str, list[str]], name: str, required: bool) -> int |
         raise ApiError(400, f"{name}={values[0]!r} is not an RFC 3339 time: {exc}") from None
 
 
-class _TlsHttpServer(ThreadingHTTPServer):
-    """Wraps each accepted connection with the current TLS context, rebuilt when the
-    certificate files change, so a rotated certificate needs no restart."""
-
-    tls: TlsFiles | None = None
-    _context: ssl.SSLContext | None = None
-    _watch: Any = None
-
-    def get_request(self) -> tuple[Any, Any]:
-        sock, addr = super().get_request()
-        if self.tls is None:
-            return sock, addr
-        if self._watch.changed():
-            try:
-                self._context = self.tls.server_context()
-                log.info("loaded TLS certificate for the admin API")
-            except AccessConfigError as exc:
-                log.error("cannot reload TLS files; keeping the current ones", error=str(exc))
-        assert self._context is not None
-        sock.settimeout(10)  # a client that never finishes its handshake cannot hold a thread
-        return self._context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False
-        ), addr
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.do_handshake()
-            except (OSError, ssl.SSLError):
-                return
-        super().finish_request(request, client_address)
-
-
 class AdminHttpServer:
     def __init__(
         self,
@@ -102,16 +70,27 @@ class AdminHttpServer:
             (_Handler,),
             {"service": service, "token": token, "protect_probes": protect_probes},
         )
+        busy = type("BusyHandler", (_BusyHandler,), {"service": service})
+        config = service.config.http
+        overload = service.metrics.receiver_overload
+        if token is not None:
+            token.on_reload_failure = lambda: service.metrics.token_reload_failures.labels(
+                listener=token.listener
+            ).inc()
         try:
-            self._server = _TlsHttpServer((host, port), handler)
+            self._server = BoundedHttpServer(
+                (host, port),
+                handler,
+                busy,
+                slots=config.max_concurrent_requests,
+                read_timeout=float(config.read_timeout),
+                idle_timeout=_IDLE_TIMEOUT_S,
+                overload=lambda reason: overload.labels(receiver="admin", reason=reason).inc(),
+                tls=tls,
+                name="pathwatch-http",
+            )
         except OSError as exc:
             raise OSError(f"http.listen: cannot listen on {listen}: {exc.strerror}") from exc
-        self._server.daemon_threads = True
-        if tls is not None:
-            self._server.tls = tls
-            self._server._watch = tls.watcher()
-            self._server._watch.changed()
-            self._server._context = tls.server_context()
         self.port: int = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 
@@ -126,6 +105,7 @@ class AdminHttpServer:
         log.info("admin http listening", port=self.port)
 
     def shutdown(self) -> None:
+        """Stop accepting; requests being answered finish on their own threads. Safe twice."""
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(5)
@@ -133,32 +113,79 @@ class AdminHttpServer:
         self._server.server_close()
 
 
-class _Handler(BaseHTTPRequestHandler):
+_IDLE_TIMEOUT_S = 5.0  # an answered keep-alive connection waits this long for the next request
+_MAX_BODY = 1 << 20  # no endpoint reads a body; one this large is drained, past it refused
+
+
+class _Handler(BoundedHandler):
     service: Service
     token: BearerToken | None
     protect_probes: bool
-    server_version = "pathwatch"
-    protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http request", request=format % args)
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data, indent=None).encode() + b"\n")
+    def _json(self, status: int, data: Any, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self._send(status, json.dumps(data, indent=None).encode() + b"\n", headers=headers)
+
+    def answer_timeout(self) -> None:
+        self.close_connection = True
+        self._json(408, {"error": "the request did not arrive within http.read_timeout"})
+
+    def answer_busy(self) -> None:
+        self.close_connection = True
+        self._json(
+            503,
+            {"error": "pathwatch is serving its maximum of admin connections; retry"},
+            headers=(("Retry-After", "1"),),
+        )
+
+    def _body_length(self) -> int:
+        """The declared body length; ApiError 400 when it is not a non-negative integer, 413
+        past _MAX_BODY (both close the connection: the body's end is unknown or unread)."""
+        raw = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError(411, "Content-Length is required (chunked bodies are not accepted)")
+        if raw is None:
+            return 0
+        text = raw.strip()
+        if not text.isdigit():
+            self.close_connection = True
+            raise ApiError(400, f"malformed Content-Length {raw[:40]!r}")
+        length = int(text)
+        if length > _MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, f"request body of {length} bytes exceeds {_MAX_BODY}")
+        return length
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(min(length, 1 << 20))
+        try:
+            length = self._body_length()
+            if length:
+                self.rfile.read(length)  # within http.read_timeout of the first byte
+        except ApiError as exc:
+            self._json(exc.status, {"error": str(exc)})
+            return
         try:
             guarded = url.path.startswith("/api/") or self.protect_probes
             if (
@@ -196,10 +223,10 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("admin api error", path=url.path)
             self._json(500, {"error": f"internal error: {exc}"})
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._dispatch("GET")
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._dispatch("POST")
 
     # -- endpoints -------------------------------------------------------------------------
@@ -339,6 +366,13 @@ class _Handler(BaseHTTPRequestHandler):
         svc.dispatcher.notify(full=True)
         log.info("dead letters redriven", sink=sink or "all", count=moved)
         self._json(200, {"redriven": moved})
+
+
+class _BusyHandler(_Handler):
+    """Runs on a spare thread when every slot is taken: answers 503 and closes."""
+
+    def _dispatch(self, method: str) -> None:
+        self.answer_busy()
 
 
 def _int_param(query: dict[str, list[str]], name: str, default: int, maximum: int) -> int:
