@@ -198,7 +198,7 @@ class Metrics:
         self.key_limit_hits = self._counter(
             "pathwatch_key_limit_hits_total",
             "New-key limits reached, by scope (host, sender, fleet); each raises one summary "
-            "alert that lists the refused keys.",
+            "alert; the next tick lists the refused keys.",
             ("scope",),
         )
         self.last_tick = self._gauge(
