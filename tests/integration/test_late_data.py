@@ -271,3 +271,21 @@ def test_rule_with_trust_matches_the_model(tmp_path_factory: Any, observations: 
         assert bool(alerted) == (in_window and not trusted_before), (kept, alerted)
     finally:
         rig.close()
+
+
+def test_stream_mode_cannot_be_poisoned_before_the_exec(tmp_path: Path) -> None:
+    """Finding 1, stream mode: a (host, path) backdated by the attacker before the exec still
+    raises a stream hit when the collector reports the real process."""
+    db = Database(str(tmp_path / "db"))
+    try:
+        store = FirstSeenStore(db)
+        retention = {RULE.id: replace(retention_of(RULE, 256, LATENESS_MS), stream=True)}
+        now = START + 40 * DAY_MS
+        forged, real = Sighting(), Sighting()
+        forged.add(now - 5 * DAY_MS)
+        store.apply({(RULE.id, IMPLANT): forged}, retention, now)
+        real.add(now - 5000)
+        result = store.apply({(RULE.id, IMPLANT): real}, retention, now)
+        assert [hit.key for hit in result.stream_hits] == [IMPLANT]
+    finally:
+        db.close()
