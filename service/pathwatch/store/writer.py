@@ -174,24 +174,20 @@ class IngestWriter:
                 return
 
     def _write(self, items: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]]) -> None:
-        senders: dict[RuleKey, str] = {}
         if len(items) == 1:
             merged = items[0][0]  # the common case under light load: nothing to merge
-            only = items[0][3]
-
-            def sender_of(rk: RuleKey) -> str:
-                return only
-
         else:
             merged = {}
             for batch, _, _, _ in items:
                 merge_into(merged, batch)
-            # A new key is charged to the first sender that brought it (only new keys ask).
-            for batch, _, _, sender in reversed(items):
-                senders.update(dict.fromkeys(batch, sender))
 
-            def sender_of(rk: RuleKey) -> str:
-                return senders.get(rk, "")
+        def sender_of(rk: RuleKey) -> str:
+            """The first sender that brought `rk`: asked for new keys only, which are rare,
+            so nothing is built per write on the hot path."""
+            for batch, _, _, sender in items:
+                if rk in batch:
+                    return sender
+            return ""
 
         error: Exception | None = None
         started = self._clock.monotonic()
