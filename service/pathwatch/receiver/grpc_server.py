@@ -163,6 +163,17 @@ class OtlpGrpcReceiver:
     def serving(self) -> bool:
         return self._thread is not None and self.port is not None
 
+    @property
+    def capacity(self) -> int:
+        """Exports admitted at once (being decoded and written, or queued for a worker);
+        past it an Export is answered UNAVAILABLE + RetryInfo."""
+        return self._capacity
+
+    @property
+    def in_flight(self) -> int:
+        """Exports admitted now (a snapshot)."""
+        return self._admitted
+
     def start(self) -> None:
         if self._thread is not None:
             return
