@@ -15,7 +15,7 @@ import pytest
 import trustme
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 
-from tests.support import EXPORT, Proc, ServiceProcess, export, process_request
+from tests.support import EXPORT, Proc, ServiceProcess, export, process_request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +99,64 @@ def test_api_bearer_token_leaves_probes_open(
     base = f"http://127.0.0.1:{svc2.http_port}"
     assert _get(base + "/metrics") == 401
     assert _get(base + "/metrics", API_TOKEN) == 200
+
+
+def _reload_failures(svc: ServiceProcess, listener: str) -> float:
+    _, text = svc.api("GET", "/metrics")
+    for line in str(text).splitlines():
+        if line.startswith(f'pathwatch_token_reload_failures_total{{listener="{listener}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+def test_broken_token_file_keeps_the_last_good_token_and_says_so(
+    tmp_path: Path, service_factory: type[ServiceProcess], damage: str
+) -> None:
+    """A receiver token file that is deleted or emptied leaves the last good token in force
+    (the receiver is neither locked nor opened), logs a warning naming the file and counts
+    pathwatch_token_reload_failures_total{listener}; a file rewritten with a new token then
+    takes effect and the old token stops working."""
+    token_file = tmp_path / "ingest-token"
+    token_file.write_text(TOKEN + "\n")
+    svc = service_factory(
+        tmp_path / "data",
+        {"receiver": {"grpc": {"listen": "127.0.0.1:0",
+                               "auth": {"bearer_token_file": str(token_file)}}}},
+    ).start()  # fmt: skip
+    request = process_request([Proc(1, "/bin/a")], now_ms())
+
+    def status(token: str) -> grpc.StatusCode:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}") as ch:
+            call = ch.unary_unary(
+                EXPORT,
+                request_serializer=ms.ExportMetricsServiceRequest.SerializeToString,
+                response_deserializer=ms.ExportMetricsServiceResponse.FromString,
+            )
+            try:
+                call(request, metadata=[("authorization", f"Bearer {token}")], timeout=5)
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+    assert status(TOKEN) == grpc.StatusCode.OK
+    if damage == "deleted":
+        token_file.unlink()
+    else:
+        token_file.write_text("")
+    # The file is looked at again (at most once a second) when a request comes in.
+    wait_until(lambda: status(TOKEN) == grpc.StatusCode.OK
+               and _reload_failures(svc, "receiver.grpc") >= 1, timeout=10)  # fmt: skip
+    assert status("") == grpc.StatusCode.UNAUTHENTICATED
+    warnings = [line for line in svc.lines if "keeping the last good token" in line]
+    assert warnings and str(token_file) in warnings[0]
+    assert '"level": "warning"' in warnings[0]
+
+    token_file.write_text("rotated-ingest-token\n")
+    wait_until(lambda: status("rotated-ingest-token") == grpc.StatusCode.OK, timeout=10)
+    assert status(TOKEN) == grpc.StatusCode.UNAUTHENTICATED
+    assert _reload_failures(svc, "receiver.grpc") == 1
+    assert not any("rotated-ingest-token" in line or TOKEN in line for line in svc.lines)
 
 
 def _write_pair(cert: trustme.LeafCert, directory: Path, name: str) -> tuple[Path, Path]:
