@@ -14,13 +14,6 @@ import pytest
 import trustme
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
 
-from pathwatch.receiver._identity import (
-    CertificateIdentity,
-    grpc_identity,
-    peer_address,
-    sender_of,
-    tls_identity,
-)
 from tests.support import EXPORT, Proc, ServiceProcess, process_request
 
 pytestmark = pytest.mark.integration
@@ -178,6 +171,14 @@ def test_peer_address_without_port_is_the_sender(
 def test_identity_parsing() -> None:
     """gRPC peer strings lose their port (IPv4, IPv6 bracketed or %-escaped); certificates
     give their first DNS SAN, else their CN; the host filter matches SANs and CN exactly."""
+    from pathwatch.receiver._identity import (
+        CertificateIdentity,
+        grpc_identity,
+        peer_address,
+        sender_of,
+        tls_identity,
+    )
+
     assert peer_address("ipv4:10.0.0.5:43122") == "10.0.0.5"
     assert peer_address("ipv6:[::1]:5000") == "::1"
     assert peer_address("ipv6:%5B::1%5D:55420") == "::1"
