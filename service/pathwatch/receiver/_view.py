@@ -30,6 +30,7 @@ def _load() -> dict[str, Any]:
             "MetricRequest",
             "MetricResourceMetrics",
             "RawRequest",
+            "ResourceListView",
             "ResourceView",
         )
     }
@@ -42,4 +43,5 @@ MergedResourceMetrics: Any = _CLASSES["MergedResourceMetrics"]
 MetricRequest: Any = _CLASSES["MetricRequest"]
 MetricResourceMetrics: Any = _CLASSES["MetricResourceMetrics"]
 RawRequest: Any = _CLASSES["RawRequest"]
+ResourceListView: Any = _CLASSES["ResourceListView"]
 ResourceView: Any = _CLASSES["ResourceView"]

@@ -16,6 +16,12 @@ falls in one minute and every resource is already durable for that minute, the r
 nothing and is answered from a handful of C-level calls, without a per-resource Python loop.
 That is five scrapes in six of a running process. The full path reports which resources it
 saw in exactly one minute (`DecodeResult.marks`), for the writer to add once durable.
+
+No input makes a process invisible without a reason the sender can read: the views read names
+and attribute values as bytes, so invalid UTF-8 parses, and key fields that are not UTF-8 are
+kept with the offending bytes escaped as ``\\xNN`` (``backslashreplace``). A resource that
+yields no key is refused with a reason (UNTRACKED_REASONS), its points count as rejected, and
+so do points whose timestamp is 0; `rejection_message` says why, for partial_success.
 """
 
 from __future__ import annotations
@@ -23,17 +29,17 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
-from pathwatch.observations import Mark, ObservationBatch, RuleKey, Sighting
+from pathwatch.observations import KeyTuple, Mark, ObservationBatch, RuleKey, Sighting
 from pathwatch.receiver._view import (
     FlatRequest,
     MergedRequest,
@@ -41,6 +47,7 @@ from pathwatch.receiver._view import (
     MetricRequest,
     MetricResourceMetrics,
     RawRequest,
+    ResourceListView,
     ResourceView,
 )
 from pathwatch.rules.model import Rule
@@ -49,14 +56,35 @@ from pathwatch.store.durable import DurableResources, covers
 MINUTE_NS = 60_000_000_000
 _MAX_NEW_SHARE = 4  # past 1 / this of a request's resources new, the full path is cheaper
 
-_KINDS = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
+_NUMBER_KINDS = ("gauge", "sum")  # NumberDataPoints: counted by their value (otlpview.proto)
+_OTHER_KINDS = ("histogram", "exponential_histogram", "summary")
 _NONE, _ALL, _MIXED = 0, 1, 2
-_TOO_LONG = object()  # cache marker: a key field exceeds the size cap
-_BAD = object()  # cache marker: the Resource bytes do not decode
+_EXAMPLE_CHARS = 256  # a refused host.name kept as an example is cut to this
+
+# Why a resource with counted metrics yields no key (pathwatch_resources_untracked_total).
+MISSING_FIELD: Final = "missing_field"  # a key field absent or empty
+UNSUPPORTED_TYPE: Final = "unsupported_type"  # a key field that is an array, kvlist or bytes
+TOO_LONG: Final = "too_long"  # a key field over max_key_field_bytes
+INVALID: Final = "invalid"  # the Resource bytes do not decode
+HOST_MISMATCH: Final = "host_mismatch"  # host.name refused by the host filter (mTLS identity)
+UNTRACKED_REASONS: Final = (MISSING_FIELD, UNSUPPORTED_TYPE, TOO_LONG, INVALID, HOST_MISMATCH)
+HOST_FIELD: Final = "host.name"
 
 
 class InvalidRequest(ValueError):
     """The request bytes are not an ExportMetricsServiceRequest. Permanent (INVALID_ARGUMENT)."""
+
+
+@dataclass(slots=True)
+class Untracked:
+    """Resources of one request refused for one reason: how many, their data points (all
+    rejected), the attributes that caused it (distinct, in first-seen order: bounded by the
+    rules' key fields) and, for host_mismatch, the first refused host.name."""
+
+    resources: int = 0
+    points: int = 0
+    fields: list[str] = field(default_factory=list)
+    example: str = ""
 
 
 @dataclass(slots=True)
@@ -66,14 +94,44 @@ class DecodeResult:
     points_accepted: int = 0
     points_too_old: int = 0
     points_future: int = 0
-    points_key_too_long: int = 0
+    points_zero_timestamp: int = 0  # time_unix_nano 0: absent, so no event time
     resources_tracked: int = 0
-    resources_untracked: int = 0
     resources_ignored: int = 0
+    untracked: dict[str, Untracked] = field(default_factory=dict)  # by UNTRACKED_REASONS
+
+    @property
+    def resources_untracked(self) -> int:
+        return sum(u.resources for u in self.untracked.values())
+
+    @property
+    def points_untracked(self) -> int:
+        return sum(u.points for u in self.untracked.values())
+
+    @property
+    def points_key_too_long(self) -> int:
+        u = self.untracked.get(TOO_LONG)
+        return 0 if u is None else u.points
 
     @property
     def points_rejected(self) -> int:
-        return self.points_too_old + self.points_future + self.points_key_too_long
+        """Every point not accepted: the count partial_success reports."""
+        return (
+            self.points_too_old
+            + self.points_future
+            + self.points_zero_timestamp
+            + self.points_untracked
+        )
+
+    def refuse(self, reason: str, attribute: str, points: int, example: str = "") -> None:
+        """Count one resource refused for `reason` (an UNTRACKED_REASONS entry) with its
+        `points`, `attribute` naming the field that caused it ("" for none)."""
+        u = self.untracked.get(reason)
+        if u is None:
+            u = self.untracked[reason] = Untracked(example=example[:_EXAMPLE_CHARS])
+        u.resources += 1
+        u.points += points
+        if attribute and attribute not in u.fields:
+            u.fields.append(attribute)
 
 
 @dataclass(frozen=True)
@@ -84,16 +142,92 @@ class TimeBounds:
     newest_ms: int
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _untracked_part(reason: str, u: Untracked) -> str:
+    n, resources = u.points, _plural(u.resources, "resource")
+    names = " or ".join(u.fields)
+    if reason == MISSING_FIELD:
+        return f"{n} data points from {resources} without key field {names}"
+    if reason == UNSUPPORTED_TYPE:
+        return (
+            f"{n} data points from {resources} whose key field {names} is not a string, int, "
+            "bool or double"
+        )
+    if reason == TOO_LONG:
+        return f"{n} data points from {resources} with an oversized key attribute ({names})"
+    if reason == HOST_MISMATCH:
+        return f"{n} data points from resources whose host.name is not in the client certificate"
+    return f"{n} data points from {resources} whose Resource does not decode"
+
+
 def rejection_message(result: DecodeResult, bounds: TimeBounds) -> str:
+    """The partial_success error_message for `result`: why each rejected point was rejected."""
     parts = []
     if result.points_too_old:
         oldest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bounds.oldest_ms / 1000))
         parts.append(f"{result.points_too_old} older than the retention horizon ({oldest})")
     if result.points_future:
         parts.append(f"{result.points_future} timestamped too far in the future")
-    if result.points_key_too_long:
-        parts.append(f"{result.points_key_too_long} from resources with an oversized key attribute")
+    if result.points_zero_timestamp:
+        parts.append(f"{result.points_zero_timestamp} without a timestamp (time_unix_nano 0)")
+    for reason in UNTRACKED_REASONS:
+        u = result.untracked.get(reason)
+        if u is not None and u.points:
+            parts.append(_untracked_part(reason, u))
     return f"pathwatch rejected {result.points_rejected} data points: " + "; ".join(parts)
+
+
+class _Resource(NamedTuple):
+    """What the decoder needs from one Resource, cached by its bytes (a tuple: built once per
+    distinct Resource, on the cold path, so cheap to make).
+
+    `keys` per rule, None where a key field is missing, empty or of an unsupported type, with
+    `why` saying which (reason, field); `host` is host.name ("" when absent or oversized);
+    `refused` is set when the whole resource is refused (invalid, too_long), whatever a rule
+    needs; `complete` when every rule has its key.
+    """
+
+    keys: tuple[KeyTuple | None, ...]
+    why: tuple[tuple[str, str] | None, ...]
+    host: str = ""
+    refused: tuple[str, str] | None = None
+    complete: bool = False
+
+
+def _attributes(raw: bytes) -> Mapping[str, Any] | None:
+    """A Resource's attributes by name (AnyValueView values), or None when it does not parse.
+    The map view refuses attribute names that are not UTF-8: then the list view, escaped."""
+    try:
+        attributes: Mapping[str, Any] = ResourceView.FromString(raw).attributes
+        return attributes
+    except (DecodeError, RecursionError, ValueError):
+        pass
+    try:
+        listed = ResourceListView.FromString(raw).attributes
+    except (DecodeError, RecursionError, ValueError):
+        return None
+    return {kv.key.decode("utf-8", "backslashreplace"): kv.value for kv in listed}
+
+
+def _text(value: Any) -> str | None:
+    """An AnyValueView as key text; None when it has no value or an unsupported type."""
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        raw: bytes = value.string_value
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", "backslashreplace")
+    if which == "int_value":
+        return str(value.int_value)
+    if which == "bool_value":
+        return "true" if value.bool_value else "false"
+    if which == "double_value":
+        return repr(value.double_value)
+    return None
 
 
 class _BoundedCache:
@@ -138,13 +272,20 @@ class Decoder:
         self._groups: list[tuple[str, ...]] = sorted({r.metrics for r in self._rules})
         self._rule_group = [self._groups.index(r.metrics) for r in self._rules]
         self._rule_ids = [r.id for r in self._rules]
-        self._needed = frozenset(f for r in self._rules for f in r.key_fields)
+        self._needed = tuple(sorted({f for r in self._rules for f in r.key_fields}))
         self._max_field = max_key_field_bytes
+        self._key_fields = [r.key_fields for r in self._rules]
+        self._no_keys: tuple[None, ...] = (None,) * len(self._rules)
+        self._invalid = _Resource(
+            keys=self._no_keys,
+            why=((INVALID, ""),) * len(self._rules),
+            refused=(INVALID, ""),
+        )
         self._names = _BoundedCache(10_000)
-        self._single: dict[str, tuple[bool, ...]] = {}
+        self._single: dict[bytes, tuple[bool, ...]] = {}
         self._resources = _BoundedCache(resource_cache)
         self._durable = durable
-        self._counted_by_all: set[str] = set()  # metric names every rule counts
+        self._counted_by_all: set[bytes] = set()  # metric names every rule counts
 
     @property
     def cached_resources(self) -> int:
@@ -152,15 +293,18 @@ class Decoder:
 
     # -- metric name matching ---------------------------------------------------------------
 
-    def _name_groups(self, name: str) -> tuple[bool, ...]:
+    def _name_groups(self, name: bytes) -> tuple[bool, ...]:
+        """Per glob group, whether it matches the metric `name` (bytes as on the wire: a name
+        that is not UTF-8 is matched in its backslash-escaped form)."""
         hit = self._single.get(name)
         if hit is None:
-            hit = tuple(any(fnmatchcase(name, g) for g in globs) for globs in self._groups)
+            text = name.decode("utf-8", "backslashreplace")
+            hit = tuple(any(fnmatchcase(text, g) for g in globs) for globs in self._groups)
             if len(self._single) < 10_000:  # metric names are few; bound it regardless
                 self._single[name] = hit
         return hit
 
-    def _match(self, names: tuple[str, ...]) -> tuple[int, ...]:
+    def _match(self, names: tuple[bytes, ...]) -> tuple[int, ...]:
         """Per glob group: _NONE, _ALL or _MIXED of the resource's metric names."""
         status: tuple[int, ...] | None = self._names.get(names)
         if status is None:
@@ -176,47 +320,69 @@ class Decoder:
 
     # -- resources ------------------------------------------------------------------------
 
-    def _keys(self, raw: bytes) -> Any:
-        """Per rule, the key tuple of a Resource (None where a key field is missing or empty);
-        or the _TOO_LONG / _BAD marker. Cached by the Resource bytes."""
+    def _keys(self, raw: bytes) -> _Resource:
+        """The Resource's keys per rule and host.name, cached by its bytes."""
         cache_key = (hash(raw), len(raw))
-        cached = self._resources.get(cache_key)
+        cached: _Resource | None = self._resources.get(cache_key)
         if cached is not None:
             return cached
         result = self._decode_keys(raw)
         self._resources.put(cache_key, result)
         return result
 
-    def _decode_keys(self, raw: bytes) -> Any:
-        try:
-            attributes = ResourceView.FromString(raw).attributes
-        except (DecodeError, RecursionError, ValueError):
-            return _BAD
+    def _decode_keys(self, raw: bytes) -> _Resource:
+        attributes = _attributes(raw)
+        if attributes is None:
+            return self._invalid
         values: dict[str, str] = {}
+        unsupported: set[str] = set()
+        refused: tuple[str, str] | None = None
         for name in self._needed:
             if name not in attributes:
                 continue
             v = attributes[name]
             which = v.WhichOneof("value")
-            if which == "string_value":
-                text = v.string_value
-            elif which == "int_value":
-                text = str(v.int_value)
-            elif which == "bool_value":
-                text = "true" if v.bool_value else "false"
-            elif which == "double_value":
-                text = repr(v.double_value)
+            if which == "string_value":  # inline: the common case, once per field
+                raw_text = v.string_value
+                try:
+                    text = raw_text.decode()
+                except UnicodeDecodeError:
+                    text = raw_text.decode("utf-8", "backslashreplace")
             else:
-                continue
-            if len(text.encode("utf-8", "surrogatepass")) > self._max_field:
-                return _TOO_LONG
-            if text:
+                other = _text(v)
+                if other is None:
+                    if which is not None:
+                        unsupported.add(name)
+                    continue
+                text = other
+            if len(text) * 4 > self._max_field and len(text.encode()) > self._max_field:
+                refused = refused or (TOO_LONG, name)
+            elif text:
                 values[name] = text
-        keys: list[tuple[str, ...] | None] = []
-        for rule in self._rules:
-            key = tuple(values.get(f, "") for f in rule.key_fields)
-            keys.append(None if "" in key else key)
-        return tuple(keys)
+        host = values.get(HOST_FIELD)
+        if host is None and HOST_FIELD not in self._needed and HOST_FIELD in attributes:
+            host = _text(attributes[HOST_FIELD])  # for the host filter only
+            if host is not None and len(host.encode()) > self._max_field:
+                host = None  # never in a certificate: refused by any host filter
+        if refused is not None:
+            return _Resource(self._no_keys, (refused,) * len(self._rules), host or "", refused)
+        keys = tuple(
+            None if "" in key else key
+            for key in (tuple(values.get(f, "") for f in fields) for fields in self._key_fields)
+        )
+        if None not in keys:
+            return _Resource(keys, self._no_keys, host or "", None, True)
+        why = tuple(
+            None
+            if key is not None
+            else next(
+                (UNSUPPORTED_TYPE if f in unsupported else MISSING_FIELD, f)
+                for f in fields
+                if f not in values
+            )
+            for key, fields in zip(keys, self._key_fields, strict=True)
+        )
+        return _Resource(keys, why, host or "", None, False)
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -230,15 +396,17 @@ class Decoder:
     ) -> DecodeResult:
         """Decode `data`. Raises InvalidRequest when it is not a valid request message.
 
-        With `host_filter`, a resource whose host.name it refuses is not stored (its points are
-        rejected: identity binding under mTLS)."""
-        if self._durable is not None and self._rules:
+        With `host_filter`, a resource whose host.name it refuses, or that has no host.name, is
+        not stored: its points are rejected and it counts as untracked (host_mismatch). This is
+        identity binding under mTLS. Such requests skip the fast path, which does not look at
+        Resources and so could not refuse one."""
+        if self._durable is not None and self._rules and host_filter is None:
             known = self._decode_known(data, bounds)
             if known is not None:
                 return known
-        return self._decode_full(data, bounds)
+        return self._decode_full(data, bounds, host_filter)
 
-    def _counted_everywhere(self, names: set[str]) -> bool:
+    def _counted_everywhere(self, names: set[bytes]) -> bool:
         if names <= self._counted_by_all:
             return True
         for name in names - self._counted_by_all:
@@ -251,10 +419,12 @@ class Decoder:
     def _decode_known(self, data: bytes, bounds: TimeBounds) -> DecodeResult | None:
         """The result for a request that brings nothing new, or None (take the full path).
 
-        Nothing new: every metric is counted by every rule, every point lies in one minute and
-        inside the accepted range, and every Resource is durable for that minute from the
-        request's earliest point on. A ResourceMetrics without points or without a Resource
-        makes no observation either way, so the merged lists decide exactly.
+        Nothing new: every metric is counted by every rule, every point has a timestamp, lies
+        in one minute and inside the accepted range, and every Resource is durable and tracked
+        for that minute from the request's earliest point on. A ResourceMetrics without points
+        or without a Resource makes no observation either way, so the merged lists decide
+        exactly. Untracked Resources are decoded like new ones, for their points to be
+        rejected with a reason.
         """
         assert self._durable is not None
         try:
@@ -271,17 +441,21 @@ class Decoder:
             or metrics.summary.data_points.time_unix_nano
         ):
             return None  # rare in process metrics: not worth a fast path
-        gauge = metrics.gauge.data_points.time_unix_nano
-        total = metrics.sum.data_points.time_unix_nano
+        g, s = metrics.gauge.data_points, metrics.sum.data_points
+        gauge, total = g.time_unix_nano, s.time_unix_nano
         points = len(gauge) + len(total)
-        if not points:
-            return None
+        if (
+            not points
+            or len(g.as_double) + len(g.as_int) + len(s.as_double) + len(s.as_int) > points
+        ):
+            return None  # no points, or more values than timestamps: some have none
         stamps = set(gauge)  # one pass in C; a scrape's points share a few timestamps
         stamps.update(total)
         lo, hi = min(stamps), max(stamps)
         minute = lo // MINUTE_NS
         if (
             hi // MINUTE_NS != minute
+            or not lo
             or lo < bounds.oldest_ms * 1_000_000
             or hi > bounds.newest_ms * 1_000_000 + 999_999
         ):
@@ -292,18 +466,17 @@ class Decoder:
         new: list[int] = []
         tracked = 0
         for i, value in enumerate(values):
-            if value is None or not covers(value, minute, earliest_ms):
+            if value is None or not value & 1 or not covers(value, minute, earliest_ms):
                 new.append(i)
                 if len(new) > len(values) // _MAX_NEW_SHARE:
                     return None  # mostly new (a new minute): the full path is cheaper
             else:
-                tracked += value & 1
+                tracked += 1
         taken = self._take_new(data, raws, new, bounds, result) if new else 0
         if taken is None:
             return None
         result.points_accepted += points - taken
         result.resources_tracked += tracked
-        result.resources_untracked += len(values) - len(new) - tracked
         return result
 
     def _take_new(
@@ -334,10 +507,12 @@ class Decoder:
             if rm.resource != raws[i]:
                 return None
             view = functools.partial(MetricResourceMetrics.FromString, raw_rm)
-            taken += self._take(rm, view, window, result)
+            taken += self._take(rm, view, window, result, None)
         return taken
 
-    def _decode_full(self, data: bytes, bounds: TimeBounds) -> DecodeResult:
+    def _decode_full(
+        self, data: bytes, bounds: TimeBounds, host_filter: Callable[[str], bool] | None
+    ) -> DecodeResult:
         try:
             request = MergedRequest.FromString(data)
         except (DecodeError, RecursionError, ValueError) as exc:
@@ -353,7 +528,7 @@ class Decoder:
 
         window = (bounds.oldest_ms * 1_000_000, bounds.newest_ms * 1_000_000 + 999_999)
         for index, rm in enumerate(request.resource_metrics):
-            self._take(rm, functools.partial(metric_view, index), window, result)
+            self._take(rm, functools.partial(metric_view, index), window, result, host_filter)
         return result
 
     def _take(
@@ -362,52 +537,83 @@ class Decoder:
         metric_view: Callable[[], Any],
         window: tuple[int, int],
         result: DecodeResult,
+        host_filter: Callable[[str], bool] | None,
     ) -> int:
         """Decode one ResourceMetrics (a MergedResourceMetrics) into `result`; returns its
         counted points. `metric_view` gives it metric by metric, for a mixed resource."""
         merged = rm.scope_metrics.metrics
         status = self._match(tuple(merged.name))
         if _MIXED in status:
-            stamps, counted = self._times_by_metric(metric_view())
-            npoints = len(counted)
+            stamps, counted, zero = self._times_by_metric(metric_view())
         elif _ALL in status:
-            lists = [v.data_points.time_unix_nano for f, v in merged.ListFields() if f.number != 1]
-            npoints = sum(map(len, lists))
+            lists = []
+            present = 0
+            for f, v in merged.ListFields():
+                number = f.number
+                if number == 1:
+                    continue
+                dp = v.data_points
+                times = dp.time_unix_nano
+                lists.append(times)
+                if number < 9:  # gauge (5), sum (7): counted by value (inline: per resource)
+                    present += len(dp.as_double) + len(dp.as_int)
+                else:
+                    present += max(len(dp.start_time_unix_nano), len(times))
             counted = lists[0] if len(lists) == 1 else [t for lst in lists for t in lst]
+            zero = max(0, present - len(counted))
             stamps = [counted if s == _ALL else [] for s in status]
         else:
             result.resources_ignored += 1
             return 0
+        npoints = len(counted) + zero
         if not npoints:
             result.resources_ignored += 1
             return 0
         raw = rm.resource
-        keys = self._keys(raw)
-        if keys is _TOO_LONG:
-            result.points_key_too_long += npoints
-            result.resources_untracked += 1
+        info = self._keys(raw)
+        refused = info.refused
+        if (
+            host_filter is not None
+            and (refused is None or refused[0] != INVALID)
+            and not (info.host and host_filter(info.host))
+        ):
+            result.refuse(HOST_MISMATCH, HOST_FIELD, npoints, info.host)
             return npoints
-        if keys is _BAD:
-            result.resources_untracked += 1
+        if refused is not None:
+            result.refuse(refused[0], refused[1], npoints)
             return npoints
-        oldest_ns, newest_ns = window
+        if not info.complete:
+            counting = [i for i, g in enumerate(self._rule_group) if status[g] != _NONE]
+            if all(info.keys[i] is None for i in counting):
+                reason, attribute = info.why[counting[0]] or (MISSING_FIELD, "")
+                result.refuse(reason, attribute, npoints)
+                return npoints
+        result.resources_tracked += 1
+        result.points_zero_timestamp += zero
+        total = npoints
+        npoints -= zero
         distinct = set(counted)
+        if not distinct:
+            return total
+        oldest_ns, newest_ns = window
         lo, hi = min(distinct), max(distinct)
         single_minute = lo // MINUTE_NS == hi // MINUTE_NS
-        total = npoints
-        if lo < oldest_ns or hi > newest_ns:
+        if lo < oldest_ns or hi > newest_ns or not lo:
             single_minute = False
-            old = sum(1 for t in counted if t < oldest_ns)
+            written_zero = sum(1 for t in counted if not t)  # a 0 written out on the wire
+            old = sum(1 for t in counted if 0 < t < oldest_ns)
             future = sum(1 for t in counted if t > newest_ns)
+            result.points_zero_timestamp += written_zero
             result.points_too_old += old
             result.points_future += future
-            npoints -= old + future
-            stamps = [[t for t in lst if oldest_ns <= t <= newest_ns] for lst in stamps]
-            distinct = {t for t in distinct if oldest_ns <= t <= newest_ns}
+            npoints -= written_zero + old + future
+            lo_ok = max(oldest_ns, 1)
+            stamps = [[t for t in lst if lo_ok <= t <= newest_ns] for lst in stamps]
+            distinct = {t for t in distinct if lo_ok <= t <= newest_ns}
         result.points_accepted += npoints
         batch = result.batch
         stored: list[RuleKey] = []
-        for key, g, rule_id in zip(keys, self._rule_group, self._rule_ids, strict=True):
+        for key, g, rule_id in zip(info.keys, self._rule_group, self._rule_ids, strict=True):
             if key is None or not stamps[g]:
                 continue
             stored.append((rule_id, key))
@@ -416,30 +622,45 @@ class Decoder:
                 sighting = batch[(rule_id, key)] = Sighting()
             for t in distinct if stamps[g] is counted else set(stamps[g]):
                 sighting.add(t // 1_000_000)
-        if stored:
-            result.resources_tracked += 1
-        else:
-            result.resources_untracked += 1
         # Only a resource that every rule counts in full is marked: the fast path holds only
         # requests whose every metric every rule counts.
-        if single_minute and self._durable is not None and all(x == _ALL for x in status):
+        if (
+            single_minute
+            and stored
+            and self._durable is not None
+            and all(x == _ALL for x in status)
+        ):
             mark = Mark(hash(raw), lo // MINUTE_NS, lo // 1_000_000, tuple(stored))
             result.marks.append(mark)
         return total
 
-    def _times_by_metric(self, rm: Any) -> tuple[list[list[int]], list[int]]:
-        """Timestamps per glob group, and of every counted point (a point of a metric that at
-        least one group matches), metric by metric: the fallback for mixed resources."""
+    def _times_by_metric(self, rm: Any) -> tuple[list[list[int]], list[int], int]:
+        """Timestamps per glob group, of every counted point (a point of a metric that at
+        least one group matches), and how many counted points have no timestamp, metric by
+        metric: the fallback for mixed resources."""
         out: list[list[int]] = [[] for _ in self._groups]
         counted: list[int] = []
+        zero = 0
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
                 hits = self._name_groups(metric.name)
                 if not any(hits):
                     continue
-                points = [t for k in _KINDS for t in getattr(metric, k).data_points.time_unix_nano]
+                points: list[int] = []
+                for kind in _NUMBER_KINDS + _OTHER_KINDS:
+                    dp = getattr(metric, kind).data_points
+                    times = dp.time_unix_nano
+                    points.extend(times)
+                    zero += max(0, _present(dp, kind) - len(times))
                 counted.extend(points)
                 for g, hit in enumerate(hits):
                     if hit:
                         out[g].extend(points)
-        return out, counted
+        return out, counted, zero
+
+
+def _present(dp: Any, kind: str) -> int:
+    """How many points a merged data point list holds, timestamps or not (otlpview.proto)."""
+    if kind in _NUMBER_KINDS:
+        return len(dp.as_double) + len(dp.as_int)
+    return max(len(dp.start_time_unix_nano), len(dp.time_unix_nano))
