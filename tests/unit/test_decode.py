@@ -112,12 +112,17 @@ def test_fixture_has_the_shape_the_tests_assume() -> None:
 
 
 def test_processes_without_host_attributes_are_untracked() -> None:
-    """Collector output without host/cluster/node attributes produces no observations, counted."""
-    result = decode(process_request(host=None))
+    """Collector output without host/cluster/node attributes produces no observations; its
+    points are rejected as from resources missing a key field."""
+    req = process_request(host=None)
+    result = decode(req)
     assert result.batch == {}
     assert result.resources_untracked == 2
     assert result.resources_tracked == 0
     assert result.resources_ignored == 0
+    n_points = sum(len(points(rm, "process.")) for rm in req.resource_metrics)
+    assert result.untracked["missing_field"].fields == ["host.name"]  # the first key field
+    assert result.points_rejected == n_points and result.points_accepted == 0
 
 
 def test_processes_with_host_attributes_are_tracked() -> None:
