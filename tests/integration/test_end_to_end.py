@@ -102,7 +102,8 @@ def test_real_collector_output_is_detected(
 def test_fixture_without_host_attributes_is_not_tracked(
     tmp_path: Path, service_factory: type[ServiceProcess]
 ) -> None:
-    """Resources missing a key field are accepted, not tracked, and counted in a metric."""
+    """Resources missing a key field are not tracked, counted by reason in a metric, and their
+    points are reported rejected through partial_success with the missing field named."""
     import yaml
 
     svc = service_factory(tmp_path / "data").start()
@@ -116,9 +117,11 @@ def test_fixture_without_host_attributes_is_not_tracked(
                 for dp in getattr(m, m.WhichOneof("data")).data_points:
                     dp.time_unix_nano = t
     resp = export(svc.grpc_port, req)
-    assert resp.partial_success.rejected_data_points == 0
+    assert resp.partial_success.rejected_data_points > 0
+    assert "without key field host.name" in resp.partial_success.error_message
     _, text = svc.api("GET", "/metrics")
     assert 'pathwatch_resources_total{outcome="untracked"} 2.0' in text
+    assert 'pathwatch_resources_untracked_total{reason="missing_field"} 2.0' in text
 
 
 def test_non_process_metrics_are_accepted_and_ignored(

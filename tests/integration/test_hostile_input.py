@@ -168,9 +168,9 @@ def test_invalid_utf8_and_deep_nesting(svc: ServiceProcess) -> None:
 
 
 def test_zero_negative_far_future_timestamps(svc: ServiceProcess) -> None:
-    """'Negative' (a 64-bit wrap) and far-future timestamps are rejected through
-    partial_success; a zero timestamp (absent on the wire) is no observation; the request's
-    good points are kept and no bad key is stored."""
+    """'Negative' (a 64-bit wrap), far-future and zero (absent on the wire) timestamps are all
+    rejected through partial_success, each named in its message; the request's good points are
+    kept and no bad key is stored."""
     t = now_ns() // 1_000_000
     req = process_request([Proc(10, "/bin/good")], t)
     for i, ts_ns in enumerate((0, (1 << 64) - 1, (t + 10 * 365 * 86_400_000) * 1_000_000)):
@@ -180,7 +180,8 @@ def test_zero_negative_far_future_timestamps(svc: ServiceProcess) -> None:
                 dp.time_unix_nano = ts_ns
         req.MergeFrom(bad)
     resp = raw_export(svc, req.SerializeToString())
-    assert resp.partial_success.rejected_data_points == 8  # 4 points x 2 processes
+    assert resp.partial_success.rejected_data_points == 12  # 4 points x 3 processes
+    assert "without a timestamp" in resp.partial_success.error_message
     paths = {k["key"]["process.executable.path"]
              for k in svc.api("GET", "/api/v1/keys?path=/bin/*&limit=1000")[1]["keys"]}  # fmt: skip
     assert "/bin/good" in paths and not paths & {"/bin/bad0", "/bin/bad1", "/bin/bad2"}
