@@ -251,6 +251,38 @@ class Metrics:
             "pathwatch_sink_disabled", "1 when a sink was disabled (HTTP 410 Gone).", ("sink",)
         )
 
+        # Supervision and housekeeping
+        self.component_failures = self._counter(
+            "pathwatch_component_failures_total",
+            "Unexpected exceptions in a long-lived component (writer, scheduler, sink:<name>, "
+            "expiry, stream, admin); each is logged with its stack and the component restarted "
+            "with backoff.",
+            ("component",),
+        )
+        self.component_up = self._gauge(
+            "pathwatch_component_up",
+            "1 while a supervised component runs, 0 while it is down (restarting or given up).",
+            ("component",),
+        )
+        self.quarantined_keys = self._gauge(
+            "pathwatch_quarantined_keys",
+            "Key records that cannot be read (corrupt or from a newer release): set aside, "
+            "listed by GET /api/v1/quarantine; ingest goes on for every other key.",
+            (),
+        )
+        self.keyspace_swept = self._counter(
+            "pathwatch_keyspace_entries_swept_total",
+            "Entries removed by the expiry sweep, by keyspace tag (R, A, E, G, P, N, H, S, D, "
+            "Z, F, T, L, I, rule) once past their owner's retention.",
+            ("keyspace",),
+        )
+        self.stream_queue_depth = self._gauge(
+            "pathwatch_stream_queue_depth",
+            "Stream-mode hits waiting for the publisher (bounded; past it, the scheduled tick "
+            "alerts them instead).",
+            (),
+        )
+
     def _spec(self, name: str, kind: str, _metric: object, labels: tuple[str, ...]) -> None:
         doc = getattr(_metric, "_documentation", "")
         self.specs.append(MetricSpec(name, kind, str(doc), labels))
