@@ -232,11 +232,21 @@ class _Handler(BoundedHandler):
     # -- endpoints -------------------------------------------------------------------------
 
     def _healthz(self, query: dict[str, list[str]]) -> None:
+        # Live unless a component that only a new process can cure was given up.
+        dead = self.service.supervisor.needs_restart()
+        if dead:
+            self._json(503, {"status": "failed", "components": dead})
+            return
         self._json(200, {"status": "ok"})
 
     def _readyz(self, query: dict[str, list[str]]) -> None:
         r = self.service.readiness()
         self._json(200 if r.ready else 503, {"ready": r.ready, "checks": r.checks})
+
+    def _quarantine(self, query: dict[str, list[str]]) -> None:
+        svc = self.service
+        assert svc.firstseen is not None
+        self._json(200, {"quarantined": svc.firstseen.quarantined()})
 
     def _metrics(self, query: dict[str, list[str]]) -> None:
         self._send(200, generate_latest(self.service.metrics.registry), CONTENT_TYPE_LATEST)
@@ -260,6 +270,10 @@ class _Handler(BoundedHandler):
                     "mode": rule.mode,
                     "suppress_for": f"{rule.suppress_for_minutes}m",
                     "baseline": svc.baseline_status(rule) if rule.enabled else None,
+                    # The rule's last tick error, kept until a tick of that rule succeeds.
+                    "last_error": svc.scheduler.rule_errors.get(rule.id)
+                    if svc.scheduler is not None
+                    else None,
                     "delay_seconds": rule.delay_seconds,
                     "risk_score": rule.risk.score,
                     "exclude": [{"field": e.field, e.kind: e.pattern} for e in rule.exclude],
@@ -401,6 +415,7 @@ def _sink_param(svc: Service, query: dict[str, list[str]]) -> str | None:
 _ROUTES = {
     ("GET", "/healthz"): _Handler._healthz,
     ("GET", "/readyz"): _Handler._readyz,
+    ("GET", "/api/v1/quarantine"): _Handler._quarantine,
     ("GET", "/metrics"): _Handler._metrics,
     ("GET", "/api/v1/rules"): _Handler._rules,
     ("GET", "/api/v1/alerts"): _Handler._alerts,

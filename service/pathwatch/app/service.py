@@ -27,6 +27,7 @@ from pathwatch.rules import Rule, resolve_rules
 from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD
 from pathwatch.scheduler import Scheduler, TickRunner
 from pathwatch.scheduler.scheduler import next_tick
+from pathwatch.scheduler.stream import StreamPublisher
 from pathwatch.store import (
     AlertStore,
     Database,
@@ -40,6 +41,7 @@ from pathwatch.store.durable import DurableResources
 from pathwatch.store.firstseen import StreamHit
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.writer import TickWatermarks
+from pathwatch.supervision import Supervisor
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="app")
@@ -127,6 +129,8 @@ class Service:
         # Resources durable in their latest minute: shared by the receivers (read) and the
         # writer (adds after each commit). Rules are fixed for the process's life.
         self.durable = DurableResources(config.receiver.durable_resources)
+        self.supervisor = Supervisor(self.metrics)
+        self.stream = StreamPublisher(self.metrics)
 
     def time_bounds(self) -> TimeBounds:
         now = self.clock.now_ms()
@@ -210,6 +214,7 @@ class Service:
         cache = self.metrics.cache_entries
         cache.labels(cache="keys").set_function(lambda: firstseen.cached_keys)
         cache.labels(cache="durable").set_function(functools.partial(len, self.durable))
+        self.metrics.quarantined_keys.set_function(lambda: len(firstseen.quarantined(100_000)))
         # Ticks recorded before this start may have read the store: writes into their windows
         # are late from the first write on.
         watermarks = TickWatermarks()
@@ -226,12 +231,18 @@ class Service:
                 max_pending_keys=cfg.store.max_pending_keys,
                 expiry_interval_s=cfg.store.expiry_interval,
             ),
-            on_limit=self._on_key_limit,
-            on_stream=self._on_stream,
+            # Off the write path: the writer only queues them (bounded) for the publisher.
+            on_limit=lambda hits: self.stream.offer(
+                functools.partial(self._on_key_limit, hits), len(hits)
+            ),
+            on_stream=lambda hits: self.stream.offer(
+                functools.partial(self._on_stream, hits), len(hits)
+            ),
             durable=self.durable,
             watermarks=watermarks,
         )
-        self.writer.start()
+        # A writer or scheduler that cannot come back needs a new process (/healthz fails).
+        self.supervisor.spawn("writer", self.writer.run, restart_cures=False)
         self.dispatcher = Dispatcher(cfg.sinks, self.alerts, self.clock, self.metrics)
         self.dispatcher.start()
         alerts = self.alerts
@@ -293,7 +304,8 @@ class Service:
             cfg.scheduler.catch_up_max_ticks,
             cfg.scheduler.alert_retention,
         )
-        self.scheduler.start()
+        self.supervisor.spawn("scheduler", self.scheduler.run, restart_cures=False)
+        self.supervisor.spawn("stream", self.stream.run)
         if serve_http:
             from pathwatch.app.http import AdminHttpServer
 
@@ -369,6 +381,12 @@ class Service:
             checks["scheduler"], ok = "not running", False
         else:
             checks["scheduler"] = self.scheduler.last_error or "ok"
+        failed = self.supervisor.failed()
+        if failed:
+            checks["components"], ok = (
+                f"given up after repeated failures: {', '.join(failed)}",
+                False,
+            )
         for status in self.dispatcher.statuses() if self.dispatcher else []:
             checks[f"sink:{status.name}"] = (
                 f"disabled: {status.disabled}" if status.disabled else "ok"
@@ -393,6 +411,8 @@ class Service:
             self.scheduler.shutdown(left(0.3))
         if self.writer is not None:
             self.writer.shutdown(left(0.5))
+        self.stream.drain(left(0.3))
+        self.supervisor.stop(left(0.3))
         if self.dispatcher is not None:
             self.dispatcher.shutdown(left(0.8))
         if self.db is not None:

@@ -64,8 +64,15 @@ def next_tick(schedule: str, after_ms: int) -> int:
 
 
 class Scheduler:
-    """start() launches the thread; shutdown() stops it within `timeout` (an evaluation in
-    progress finishes first). `run_due` is the whole decision and is called directly by tests.
+    """`run(stop)` is the scheduler's loop, for the Supervisor to run on its own thread (start()
+    runs it unsupervised, for tests and tools); shutdown() stops it within `timeout` (an
+    evaluation in progress finishes first). `run_due` is the whole decision and is called
+    directly by tests.
+
+    A rule whose tick fails never holds up the others: the error is kept per rule
+    (`rule_errors`, shown by /api/v1/rules and /readyz) until a tick of that rule succeeds.
+    Ticks whose window ends before the data directory's first start are never run, whatever
+    ticks were recorded through the API: there was no data for them.
     """
 
     def __init__(
@@ -91,23 +98,37 @@ class Scheduler:
         self._cursor: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_error: str | None = None
+        self._looping = False
+        self.rule_errors: dict[str, str] = {}
+        self.loop_error: str | None = None
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._looping
+
+    @property
+    def last_error(self) -> str | None:
+        """The loop's own error, else each failing rule's, or None when all is well."""
+        if self.loop_error is not None:
+            return self.loop_error
+        if self.rule_errors:
+            return "; ".join(f"rule {r}: {e}" for r, e in sorted(self.rule_errors.items()))
+        return None
 
     def _cursor_of(self, rule: Rule) -> int:
         cursor = self._cursor.get(rule.id)
         if cursor is None:
             last = self._alerts.last_tick(rule.id)
-            cursor = last.tick_ms if last else self._first_start_ms - 1
+            # A tick recorded through the API may name any past minute: never catch up from
+            # before the first start, when no data could exist.
+            floor = self._first_start_ms - 1
+            cursor = max(last.tick_ms, floor) if last else floor
             self._cursor[rule.id] = cursor
         return cursor
 
     def run_due(self, now_ms: int) -> int:
-        """Run every due tick of every rule; returns how many ran. Errors are logged and the
-        tick is retried on the next call."""
+        """Run every due tick of every rule; returns how many ran. A failing tick is logged,
+        kept in `rule_errors` and retried on the next call; the other rules run regardless."""
         ran = 0
         for rule in self._rules:
             cursor = self._cursor_of(rule)
@@ -126,11 +147,16 @@ class Scheduler:
                     return ran
                 try:
                     self._runner.run(rule, tick)
-                except StoreError as exc:
-                    self.last_error = f"rule {rule.id}: {exc}"
+                except StoreError as exc:  # retryable: the disk, not the rule
+                    self.rule_errors[rule.id] = str(exc)
                     log.error("tick failed; will retry", rule=rule.id, tick=tick, error=str(exc))
                     break
-                self.last_error = None
+                except Exception as exc:
+                    self.rule_errors[rule.id] = f"{type(exc).__name__}: {exc}"
+                    self._metrics.component_failures.labels(component=f"rule:{rule.id}").inc()
+                    log.exception("tick failed; will retry", rule=rule.id, tick=tick)
+                    break
+                self.rule_errors.pop(rule.id, None)
                 if horizon - tick > _CATCH_UP_SLACK_MS:
                     self._metrics.catchup_ticks.labels(rule=rule.id).inc()
                 self._cursor[rule.id] = tick
@@ -153,26 +179,38 @@ class Scheduler:
         return max(0.0, min(waits, default=60_000) / 1000)
 
     def start(self) -> None:
+        """Run the loop on a plain thread (the service runs `run` under its Supervisor)."""
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._loop, name="pathwatch-scheduler", daemon=True)
+        self._thread = threading.Thread(
+            target=self.run, args=(self._stop,), name="pathwatch-scheduler", daemon=True
+        )
         self._thread.start()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_due(self._clock.now_ms())
-                self._housekeeping()
-                wait = self.seconds_until_next(self._clock.now_ms())
-            except Exception as exc:  # keep the scheduler alive; the error is visible in /readyz
-                self.last_error = str(exc)
-                log.exception("scheduler loop failed")
-                wait = 5.0
-            # Bounded wait: re-check at least every 5 s so clock jumps and shutdown are seen.
-            self._stop.wait(min(max(wait, 0.05), 5.0))
+    def run(self, stop: threading.Event) -> None:
+        """The loop. Returns when `stop` (or shutdown) is set; an unexpected exception outside
+        a rule's tick escapes, for the Supervisor to log, count and restart."""
+        self._looping = True
+        try:
+            while not stop.is_set() and not self._stop.is_set():
+                try:
+                    self.run_due(self._clock.now_ms())
+                    self._housekeeping()
+                    wait = self.seconds_until_next(self._clock.now_ms())
+                except StoreError as exc:  # retryable: visible in /readyz until it clears
+                    self.loop_error = str(exc)
+                    log.error("scheduler housekeeping failed; will retry", error=str(exc))
+                    wait = 5.0
+                else:
+                    self.loop_error = None
+                # Bounded wait: re-check at least every 5 s so clock jumps and shutdown are seen.
+                if stop.wait(min(max(wait, 0.05), 5.0)):
+                    break
+        finally:
+            self._looping = False
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Safe before start and twice."""
+        """Safe before start and twice. A supervised loop also stops with its Supervisor."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)

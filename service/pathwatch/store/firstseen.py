@@ -19,12 +19,15 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import structlog
+
 from pathwatch.clock import MINUTE_MS
 from pathwatch.observations import KeyTuple, Mark, ObservationBatch, RuleKey
 from pathwatch.store import durable
 from pathwatch.store import keyspace as ks
 from pathwatch.store.codec import (
     KeyState,
+    RecordFormatError,
     decode_key,
     decode_state,
     encode_key,
@@ -35,6 +38,8 @@ from pathwatch.store.context import ContextIndex
 from pathwatch.store.db import Batch, Database, StoreError
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory, new_onsets
+
+log = structlog.get_logger(component="store")
 
 _NO_HISTORY = PresenceHistory()
 MAX_REFUSED_LISTED = 1000  # refused keys listed per rule and hour (the rest are counted)
@@ -217,8 +222,13 @@ class FirstSeenStore:
             rule, key = rule_key
             ret = retention[rule]
             old = entry[1] if entry is not None else None
+            replaced = False
             if old is None and (raw := loaded.get(rkey)) is not None:
-                old = decode_state(raw)
+                try:
+                    old = decode_state(raw)
+                except RecordFormatError as exc:
+                    self._quarantine(wb, rule, rkey, raw, str(exc), now_ms)
+                    replaced = True
             # Points inside minutes already recorded change nothing that evaluation reads; not
             # rewriting for them is what keeps writes at one per key per minute, not per scrape.
             # (So last_seen trails the latest point by less than a minute; first_seen is exact.)
@@ -244,7 +254,7 @@ class FirstSeenStore:
             minutes = [m for m in sighting.minutes if m >= horizon]
             if not minutes:
                 continue
-            if old is None:
+            if old is None and not replaced:
                 pos = self._host_field.get(rule)
                 host = key[pos] if pos is not None else ""
                 sender = sender_of(rule_key) if sender_of is not None else ""
@@ -311,7 +321,7 @@ class FirstSeenStore:
                 ):
                     streamed.append(StreamHit(rule, key, state, m0))
             written += 1
-            if old is None:
+            if old is None and not replaced:
                 created += 1
                 new_per_rule[rule] = new_per_rule.get(rule, 0) + 1
         if notes:
@@ -343,6 +353,32 @@ class FirstSeenStore:
             late_untrusted,
             late_after_tick,
         )
+
+    def _quarantine(
+        self, wb: Batch, rule: str, rkey: bytes, raw: bytes, reason: str, now_ms: int
+    ) -> None:
+        """Set an unreadable record aside (``Q``) in the same write that starts the key anew:
+        ingest goes on, the key can alert again, and an operator can inspect the bytes."""
+        encoded = rkey[len(ks.record_prefix(rule)) :]
+        value = {"reason": reason, "at_ms": now_ms, "record": raw.hex()}
+        wb.put(ks.quarantine_key(rule, encoded), json.dumps(value).encode())
+        log.error(
+            "unreadable key record quarantined; the key starts a new history",
+            rule=rule,
+            key=list(decode_key(encoded)),
+            reason=reason,
+        )
+
+    def quarantined(self, limit: int = 1000) -> list[dict[str, object]]:
+        """Quarantined records, for the API (any thread)."""
+        out: list[dict[str, object]] = []
+        for raw, value in self._db.scan_prefix(ks.QUARANTINE_PREFIX):
+            rule, _, encoded = raw[1:].partition(b"\x00")
+            info = json.loads(value)
+            out.append({"rule": rule.decode(), "key": list(decode_key(encoded)), **info})
+            if len(out) >= limit:
+                break
+        return out
 
     def _list_late(self, wb: Batch, rule: str, rkey: bytes, minute: int, now_ms: int) -> None:
         """List the key for the next tick's late check, keeping the earliest late minute. The
@@ -606,9 +642,16 @@ class FirstSeenStore:
         for enc, raw in zip(encoded, self._db.get_many([prefix + e for e in encoded]), strict=True):
             if raw is None:
                 continue
-            if lo < hi and lo <= first_seen_of(raw) < hi:
+            try:
+                if lo < hi and lo <= first_seen_of(raw) < hi:
+                    continue
+                state = decode_state(raw)
+            except RecordFormatError as exc:
+                # Quarantined by the writer at the key's next observation; until then it is
+                # left out of evaluation rather than failing the whole rule.
+                log.error("unreadable key record skipped", rule=rule, reason=str(exc))
                 continue
-            yield decode_key(enc), decode_state(raw)
+            yield decode_key(enc), state
 
     def new_candidates(
         self, rule: str, start_min: int, end_min: int, gap_minutes: int

@@ -17,6 +17,8 @@
   deletes the entry (late data is never lost)
 - ``F rule 0x00 hour:u32be key`` -> JSON {sender, host, first_ms}: a new key a new-key cap
   refused; the next tick lists it in a summary alert and deletes the entry
+- ``Q rule 0x00 key`` -> JSON {reason, at_ms, record (hex)}: a key record that could not be
+  read, set aside; the key starts a new history (so it can alert again, never stay hidden)
 - ``M name`` -> metadata (first start, sequence numbers)
 
 Rule ids and sink names never contain NUL (config validation), so ``tag name 0x00`` is a prefix
@@ -169,3 +171,10 @@ def refused_key(rule: str, hour: int, key: bytes) -> bytes:
 
 def refused_prefix(rule: str) -> bytes:
     return _scoped(b"F", rule)
+
+
+def quarantine_key(rule: str, key: bytes) -> bytes:
+    return _scoped(b"Q", rule) + key
+
+
+QUARANTINE_PREFIX = b"Q"

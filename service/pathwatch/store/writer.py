@@ -96,8 +96,8 @@ class IngestWriter:
         clock: Clock,
         metrics: Metrics,
         config: WriterConfig | None = None,
-        on_limit: Callable[[tuple[LimitHit, ...]], None] = lambda hits: None,
-        on_stream: Callable[[tuple[StreamHit, ...]], None] = lambda hits: None,
+        on_limit: Callable[[tuple[LimitHit, ...]], object] = lambda hits: None,
+        on_stream: Callable[[tuple[StreamHit, ...]], object] = lambda hits: None,
         durable: DurableResources | None = None,
         watermarks: TickWatermarks | None = None,
     ) -> None:
@@ -115,6 +115,9 @@ class IngestWriter:
         self._pending = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._exited = threading.Event()
+        self._exited.set()  # not running yet
+        self._down = False  # the loop died and has not restarted: submit refuses at once
         self._next_expiry = 0.0
         self.last_error: str | None = None
 
@@ -127,10 +130,13 @@ class IngestWriter:
         return self._pending
 
     def start(self) -> None:
+        """Run the loop on a plain thread (the service runs `run` under its Supervisor)."""
         if self._thread is not None:
             return
-        self._next_expiry = self._clock.monotonic() + 60.0
-        self._thread = threading.Thread(target=self._run, name="pathwatch-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self.run, args=(threading.Event(),), name="pathwatch-writer", daemon=True
+        )
+        self._exited.clear()
         self._thread.start()
 
     def submit(
@@ -150,6 +156,8 @@ class IngestWriter:
         with self._cond:
             if self._stopping:
                 raise Backpressure("pathwatch is shutting down")
+            if self._down:
+                raise Backpressure(f"the store writer is restarting after: {self.last_error}")
             if self._pending + len(batch) > self._config.max_pending_keys and self._pending > 0:
                 raise Backpressure(f"write queue full ({self._pending} keys pending)")
             self._queue.append((batch, ticket, marks, sender))
@@ -158,20 +166,54 @@ class IngestWriter:
             self._cond.notify()
         return ticket
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if not self._queue and not self._stopping:
-                    self._cond.wait(timeout=1.0)
-                items = list(self._queue)
-                self._queue.clear()
-                stopping = self._stopping
-            if items:
-                self._write(items)
-            if not stopping and self._clock.monotonic() >= self._next_expiry:
-                self._expire()
-            if stopping and not items:
-                return
+    def run(self, stop: threading.Event) -> None:
+        """The writer loop. Returns once shutdown() was called and the queue is written.
+
+        An unexpected exception escapes for the Supervisor to log, count and restart; before
+        it does, every batch taken or queued is failed (its Export is answered UNAVAILABLE with
+        RetryInfo at once, not after a timeout) and `submit` refuses until the loop runs again.
+        """
+        self._exited.clear()
+        self._next_expiry = self._clock.monotonic() + 60.0
+        with self._cond:
+            if self._down:
+                self._down, self.last_error = False, None
+        items: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]] = []
+        try:
+            while True:
+                with self._cond:
+                    if not self._queue and not self._stopping:
+                        self._cond.wait(timeout=1.0)
+                    items = list(self._queue)
+                    self._queue.clear()
+                    stopping = self._stopping
+                if items:
+                    self._write(items)
+                    items = []
+                if not stopping and self._clock.monotonic() >= self._next_expiry:
+                    self._expire()
+                if stopping and not items:
+                    return
+        except BaseException as exc:
+            self._fail_all(items, exc)
+            raise
+        finally:
+            self._exited.set()
+
+    def _fail_all(
+        self, taken: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]], exc: BaseException
+    ) -> None:
+        error = WriteFailed(f"the store writer failed: {type(exc).__name__}: {exc}")
+        with self._cond:
+            self._down = True
+            self.last_error = str(error)
+            queued = list(self._queue)
+            self._queue.clear()
+            self._pending = 0
+            self._metrics.store_pending_keys.set(0)
+        for _, ticket, _, _ in [*taken, *queued]:
+            if not ticket.wait(0):
+                ticket._finish(error)
 
     def _write(self, items: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]]) -> None:
         if len(items) == 1:
@@ -255,6 +297,11 @@ class IngestWriter:
             except StoreError as exc:
                 log.error("expiry failed", rule=rule, error=str(exc))
                 return
+            except Exception:
+                # A bug in the sweep must not stop ingest: counted, retried next interval.
+                self._metrics.component_failures.labels(component="expiry").inc()
+                log.exception("expiry failed", rule=rule)
+                return
             self._metrics.store_keys_expired.labels(rule=rule).inc(deleted)
             if deleted:
                 if self._durable is not None:
@@ -266,5 +313,4 @@ class IngestWriter:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._exited.wait(timeout)
