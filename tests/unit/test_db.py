@@ -64,3 +64,16 @@ def test_properties_read_zero_once_rocksdb_is_closed(tmp_path: Path) -> None:
     assert db.property_int("rocksdb.estimate-num-keys") == 0
     db.close()
     assert db.property_int("rocksdb.block-cache-usage") == 0
+
+
+def test_info_logs_stay_bounded_across_restarts(tmp_path: Path) -> None:
+    """Reopening the database many times keeps at most LOG_KEEP_FILES info logs (LOG plus
+    LOG.old.*): restarts over months do not fill the disk with RocksDB's own logs."""
+    from pathwatch.store.db import LOG_KEEP_FILES
+
+    for _ in range(10):
+        Database(str(tmp_path), DatabaseOptions(fsync=False)).close()
+    logs = [p.name for p in tmp_path.iterdir() if p.name.startswith("LOG")]
+    assert "LOG" in logs
+    assert 0 < len(logs) <= LOG_KEEP_FILES
+    assert len([n for n in logs if n.startswith("LOG.old")]) == LOG_KEEP_FILES - 1

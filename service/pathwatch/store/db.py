@@ -29,6 +29,11 @@ log = structlog.get_logger(component="store")
 
 _RECOVERY_INTERVAL_S = 2.0
 _BLOCK_BYTES = 16 << 10  # data blocks: 16 KiB compress better than 4 KiB (28% less, measured)
+# RocksDB's info log (LOG) is rotated on every open and when it passes the size below; only
+# this many old files (LOG.old.*) are kept, so restarts and months of running cost at most
+# LOG_KEEP_FILES x LOG_MAX_BYTES of disk.
+LOG_KEEP_FILES = 5
+LOG_MAX_BYTES = 8 << 20
 
 
 class StoreError(RuntimeError):
@@ -100,6 +105,8 @@ class Database:
         opts.set_max_write_buffer_number(2)
         opts.set_max_background_jobs(2)
         opts.set_max_open_files(512)
+        opts.set_keep_log_file_num(LOG_KEEP_FILES)
+        opts.set_max_log_file_size(LOG_MAX_BYTES)
         table = BlockBasedOptions()
         table.set_block_cache(Cache(self.options.block_cache_bytes))
         table.set_block_size(_BLOCK_BYTES)
