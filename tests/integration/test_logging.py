@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Proc, ServiceProcess, export, process_request
+from tests.support import Proc, ServiceProcess, export, process_request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +25,11 @@ def test_json_lines_with_required_fields(
     export at info level logs nothing."""
     svc = service_factory(tmp_path / "data", {"log": {"level": "info", "format": "auto"}}).start()
     before = len(svc.lines)
-    export(svc.grpc_port, process_request([Proc(1, "/bin/x")], time.time_ns() // 1_000_000))
-    time.sleep(0.3)
+    now = time.time_ns() // 1_000_000
+    export(svc.grpc_port, process_request([Proc(1, "/bin/x")], now))
+    # A positive barrier: the evaluation's log line comes after anything the export logged.
+    svc.evaluate(now - now % 60_000 - 60_000)
+    wait_until(lambda: any('"rule evaluated"' in line for line in svc.lines[before:]))
     # The scheduler may log a tick meanwhile; the ingest path must log nothing.
     ingest = [line for line in svc.lines[before:]
               if '"component": "receiver"' in line or '"component": "store"' in line]  # fmt: skip
@@ -42,7 +45,8 @@ def test_console_output_on_a_terminal(tmp_path: Path) -> None:
     """With stdout on a terminal and format auto, lines are human-readable, not JSON."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"data_dir: {tmp_path / 'data'}\nreceiver: {{grpc: {{listen: '127.0.0.1:0'}}}}\n"
+        f"data_dir: {tmp_path / 'data'}\n"
+        "receiver: {grpc: {listen: '127.0.0.1:0'}, http: {listen: '127.0.0.1:0'}}\n"
         "http: {listen: '127.0.0.1:0'}\n"
     )
     leader, follower = pty.openpty()
