@@ -27,6 +27,7 @@ so do points whose timestamp is 0; `rejection_message` says why, for partial_suc
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -197,30 +198,35 @@ class _Resource(NamedTuple):
     complete: bool = False
 
 
-def _attributes(raw: bytes) -> Mapping[str, Any] | None:
-    """A Resource's attributes by name (AnyValueView values), or None when it does not parse.
-    The map view refuses attribute names that are not UTF-8: then the list view, escaped."""
-    try:
-        attributes: Mapping[str, Any] = ResourceView.FromString(raw).attributes
-        return attributes
-    except (DecodeError, RecursionError, ValueError):
-        pass
+def _key_getter(fields: tuple[str, ...]) -> Callable[[Mapping[str, str]], KeyTuple]:
+    """A C-level getter of the tuple of `fields` from a dict; raises KeyError when one is
+    missing. (itemgetter of one item returns the item, not a 1-tuple.)"""
+    if len(fields) == 1:
+        (only,) = fields
+        return lambda values: (values[only],)
+    return operator.itemgetter(*fields)
+
+
+_new_resource = tuple.__new__  # builds a _Resource without NamedTuple's Python-level __new__
+
+
+def _listed_attributes(raw: bytes) -> Mapping[str, Any] | None:
+    """A Resource's attributes by name (escaped), values as AnyValueBytesView: the view for a
+    Resource that holds bytes that are not UTF-8. None when it does not parse at all."""
     try:
         listed = ResourceListView.FromString(raw).attributes
     except (DecodeError, RecursionError, ValueError):
         return None
-    return {kv.key.decode("utf-8", "backslashreplace"): kv.value for kv in listed}
+    return {kv.key.decode("utf-8", "backslashreplace"): kv.value for kv in listed}  # last wins
 
 
 def _text(value: Any) -> str | None:
-    """An AnyValueView as key text; None when it has no value or an unsupported type."""
+    """An AnyValueView or AnyValueBytesView as key text (bytes that are not UTF-8 escaped);
+    None when it has no value or an unsupported type."""
     which = value.WhichOneof("value")
     if which == "string_value":
-        raw: bytes = value.string_value
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.decode("utf-8", "backslashreplace")
+        text: str | bytes = value.string_value
+        return text if isinstance(text, str) else text.decode("utf-8", "backslashreplace")
     if which == "int_value":
         return str(value.int_value)
     if which == "bool_value":
@@ -275,6 +281,7 @@ class Decoder:
         self._needed = tuple(sorted({f for r in self._rules for f in r.key_fields}))
         self._max_field = max_key_field_bytes
         self._key_fields = [r.key_fields for r in self._rules]
+        self._key_getters = [_key_getter(fields) for fields in self._key_fields]
         self._no_keys: tuple[None, ...] = (None,) * len(self._rules)
         self._invalid = _Resource(
             keys=self._no_keys,
@@ -331,9 +338,13 @@ class Decoder:
         return result
 
     def _decode_keys(self, raw: bytes) -> _Resource:
-        attributes = _attributes(raw)
-        if attributes is None:
-            return self._invalid
+        attributes: Mapping[str, Any] | None
+        try:
+            attributes = ResourceView.FromString(raw).attributes
+        except (DecodeError, RecursionError, ValueError):
+            attributes = _listed_attributes(raw)  # not UTF-8 somewhere, or not a Resource
+            if attributes is None:
+                return self._invalid
         values: dict[str, str] = {}
         unsupported: set[str] = set()
         refused: tuple[str, str] | None = None
@@ -343,11 +354,9 @@ class Decoder:
             v = attributes[name]
             which = v.WhichOneof("value")
             if which == "string_value":  # inline: the common case, once per field
-                raw_text = v.string_value
-                try:
-                    text = raw_text.decode()
-                except UnicodeDecodeError:
-                    text = raw_text.decode("utf-8", "backslashreplace")
+                text = v.string_value
+                if isinstance(text, bytes):  # the fallback view: escape what is not UTF-8
+                    text = text.decode("utf-8", "backslashreplace")
             else:
                 other = _text(v)
                 if other is None:
@@ -366,12 +375,14 @@ class Decoder:
                 host = None  # never in a certificate: refused by any host filter
         if refused is not None:
             return _Resource(self._no_keys, (refused,) * len(self._rules), host or "", refused)
-        keys = tuple(
-            None if "" in key else key
-            for key in (tuple(values.get(f, "") for f in fields) for fields in self._key_fields)
-        )
+        keys: list[KeyTuple | None] = []
+        for key_of in self._key_getters:
+            try:
+                keys.append(key_of(values))
+            except KeyError:  # `values` holds only non-empty fields
+                keys.append(None)
         if None not in keys:
-            return _Resource(keys, self._no_keys, host or "", None, True)
+            return _new_resource(_Resource, (tuple(keys), self._no_keys, host or "", None, True))
         why = tuple(
             None
             if key is not None
@@ -382,7 +393,7 @@ class Decoder:
             )
             for key, fields in zip(keys, self._key_fields, strict=True)
         )
-        return _Resource(keys, why, host or "", None, False)
+        return _Resource(tuple(keys), why, host or "", None, False)
 
     # -- decoding -------------------------------------------------------------------------
 
