@@ -20,9 +20,9 @@ saw in exactly one minute (`DecodeResult.marks`), for the writer to add once dur
 No input makes a process invisible without a reason the sender can read: metric names are read
 as bytes and a Resource that is not UTF-8 somewhere is read again through an all-bytes view, so
 invalid UTF-8 parses, and key fields that are not UTF-8 are kept with the offending bytes
-escaped as ``\\xNN`` (``backslashreplace``). A resource that
-yields no key is refused with a reason (UNTRACKED_REASONS), its points count as rejected, and
-so do points whose timestamp is 0; `rejection_message` says why, for partial_success.
+escaped as ``\\xNN`` (``backslashreplace``). A resource that yields no key is refused with a
+reason (UNTRACKED_REASONS), its points count as rejected, and so do points whose timestamp is
+0; `rejection_message` says why, for partial_success.
 """
 
 from __future__ import annotations
