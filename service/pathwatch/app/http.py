@@ -93,21 +93,32 @@ class AdminHttpServer:
             raise OSError(f"http.listen: cannot listen on {listen}: {exc.strerror}") from exc
         self.port: int = self._server.server_address[1]
         self._thread: threading.Thread | None = None
+        self._serving = False
+        self._announced = False
 
     def start(self) -> None:
+        """Serve on a plain thread (the service runs `run` under its Supervisor)."""
         self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="pathwatch-http",
-            daemon=True,
+            target=self.run, args=(threading.Event(),), name="pathwatch-http", daemon=True
         )
         self._thread.start()
-        log.info("admin http listening", port=self.port)
+
+    def run(self, stop: threading.Event) -> None:
+        """The accept loop; returns after shutdown(). An unexpected error escapes for the
+        Supervisor, which serves again on the same socket."""
+        if not self._announced:
+            self._announced = True
+            log.info("admin http listening", port=self.port)
+        self._serving = True
+        try:
+            self._server.serve_forever(poll_interval=0.2)
+        finally:
+            self._serving = False
 
     def shutdown(self) -> None:
         """Stop accepting; requests being answered finish on their own threads. Safe twice."""
+        self._server.shutdown()  # bounded; a loop that starts later stops at once
         if self._thread is not None:
-            self._server.shutdown()
             self._thread.join(5)
             self._thread = None
         self._server.server_close()

@@ -317,7 +317,7 @@ class Service:
                 tls=tls_of(http.tls, "http"),
                 protect_probes=http.protect_probes,
             )
-            server.start()
+            self.supervisor.spawn("admin", server.run)
             self.http = server
         log.info(
             "pathwatch started",
