@@ -184,12 +184,15 @@ class ServiceProcess:
         receiver = cfg["receiver"] = dict(cfg["receiver"])
         receiver["http"] = {"listen": "127.0.0.1:0", **receiver.get("http", {})}
         # Tests write hours of history over OTLP and evaluate the tick they just wrote: unless a
-        # test says otherwise, trust every timestamp (the reference search does) and let a tick
-        # run without waiting for its rule's delay.
+        # test says otherwise, trust every timestamp (the reference search does), let a tick
+        # run without waiting for its rule's delay, and alert every new key of a cluster that
+        # has no history yet (a test's data dir is always a fresh install).
         receiver.setdefault("max_baseline_lateness", "0s")
         rules = {r["id"]: dict(r) for r in cfg.get("rules", [])}
         for rule_id in BUILTIN_RULE_IDS:
-            rules.setdefault(rule_id, {"id": rule_id}).setdefault("delay", "0s")
+            rule = rules.setdefault(rule_id, {"id": rule_id})
+            rule.setdefault("delay", "0s")
+            rule.setdefault("no_baseline", "alert")
         cfg["rules"] = list(rules.values())
         path = self.data_dir.parent / f"{self.data_dir.name}-config.yaml"
         path.write_text(yaml.safe_dump(cfg))

@@ -30,7 +30,7 @@ from pathwatch.telemetry.metrics import Metrics
 START = 1_800_000_000_000 - 1_800_000_000_000 % HOUR_MS  # a whole hour
 IMPLANT = ("node-victim", "prod", "node-victim", "31337", "/tmp/.x/kworkerd", "kworkerd")
 LATENESS_MS = HOUR_MS
-RULE = PARITY_RULE
+RULE = replace(PARITY_RULE, no_baseline="alert")  # every data dir here is a fresh install
 
 
 class Rig:

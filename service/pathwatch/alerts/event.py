@@ -232,6 +232,25 @@ def refused_keys_event(
     return _summary_event(rule, "refused_keys", tick_ms, "*", message, extra)
 
 
+def no_baseline_event(
+    rule: Rule, tick_ms: int, cluster: str, keys: list[tuple[str, str]]
+) -> RiskEvent:
+    """One alert for a cluster with no observation before the window (a fresh install, or a
+    cluster new to this replica): its keys carry no information yet, so they are listed (by
+    host and path, suspicious locations first) instead of alerted one by one; they become
+    baseline as usual."""
+    listed = _listing(keys)
+    message = f"No baseline yet for cluster {display_safe(cluster)}: {len(keys)} new keys"
+    if listed:
+        top = listed[0]
+        message += f"; first: {display_safe(top['path'])} on {display_safe(top['host'])}"
+    extra = {"cluster": cluster, "new_keys": len(keys), "keys": listed}
+    event = _summary_event(rule, "no_baseline", tick_ms, f"cluster:{cluster}", message, extra)
+    event.body["risk_object"] = cluster
+    event.body["fields"] = {"k8s.cluster.name": cluster}
+    return event
+
+
 def flood_event(rule: Rule, tick_ms: int, suppressed: list[RiskEvent]) -> RiskEvent:
     """One alert summarising the alerts of a tick past the per-tick cap; it lists the held-back
     alerts by host and path (suspicious locations first), and each stays in the alert log."""

@@ -40,6 +40,18 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _bool_param(query: dict[str, list[str]], name: str) -> bool:
+    values = query.get(name)
+    if not values:
+        return False
+    value = values[0].strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no", ""):
+        return False
+    raise ApiError(400, f"{name}={values[0]!r}: expected true or false")
+
+
 def _query_time(query: dict[str, list[str]], name: str, required: bool) -> int | None:
     values = query.get(name)
     if not values:
@@ -281,6 +293,13 @@ class _Handler(BoundedHandler):
                     "mode": rule.mode,
                     "suppress_for": f"{rule.suppress_for_minutes}m",
                     "baseline": svc.baseline_status(rule) if rule.enabled else None,
+                    "no_baseline": rule.no_baseline,
+                    # Clusters the last tick found without any history before its window.
+                    "clusters_without_baseline": svc.runner.clusters_without_baseline.get(
+                        rule.id, []
+                    )
+                    if svc.runner is not None
+                    else [],
                     # The rule's last tick error, kept until a tick of that rule succeeds.
                     "last_error": svc.scheduler.rule_errors.get(rule.id)
                     if svc.scheduler is not None
@@ -315,12 +334,16 @@ class _Handler(BoundedHandler):
         if rule is None:
             known = ", ".join(r.id for r in svc.rules)
             raise ApiError(400, f"unknown rule {rule_id!r} (rules: {known})")
-        at = _query_time(query, "at", required=True)
-        assert at is not None and svc.runner is not None
+        dry_run = _bool_param(query, "dry_run")
+        now = svc.clock.now_ms()
+        # A dry run defaults to the next whole minute: its window holds everything received.
+        at = _query_time(query, "at", required=not dry_run)
+        if at is None:
+            at = now - now % MINUTE_MS + MINUTE_MS
+        assert svc.runner is not None
         if at % MINUTE_MS:
             raise ApiError(400, f"at={rfc3339(at)} must be a whole minute (seconds = 0)")
-        now = svc.clock.now_ms()
-        if at > now:
+        if at > now + (MINUTE_MS if dry_run else 0):
             raise ApiError(
                 400, f"at={rfc3339(at)} is in the future: its window is not complete yet"
             )
@@ -335,10 +358,14 @@ class _Handler(BoundedHandler):
         from pathwatch.scheduler.runner import TickNotReady
 
         try:
-            outcome = svc.runner.run(rule, at)
+            outcome = svc.runner.run(rule, at, dry_run=dry_run)
         except TickNotReady as exc:
             raise ApiError(400, str(exc)) from None
-        self._json(200, {"alerts": outcome.alerts, "new": outcome.new})
+        body: dict[str, object] = {"alerts": outcome.alerts, "new": outcome.new}
+        if dry_run:
+            body["dry_run"] = True
+            body["tick"] = rfc3339(at)
+        self._json(200, body)
 
     def _keys(self, query: dict[str, list[str]]) -> None:
         from pathwatch.app.inspect import search_keys

@@ -179,6 +179,10 @@ class RuleConfig:
     delay: Duration | None = None
     exclude: list[ExclusionConfig] | None = None
     mode: str | None = None
+    # A cluster with no observation before the window (a fresh install, a cluster new to this
+    # replica): "summarize" (default) raises one summary per cluster instead of one alert per
+    # key; "alert" alerts every key, as the reference search does.
+    no_baseline: str | None = None
     learning_period: Duration | None = None
     warmup: Duration | None = None
     suppress_for: Duration | None = None

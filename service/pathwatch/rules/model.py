@@ -71,6 +71,9 @@ class Rule:
     delay_seconds: float = 60.0
     enabled: bool = True
     mode: str = "schedule"  # "schedule", or "stream": also alert as soon as a new key arrives
+    # A cluster without any observation before the window: one summary ("summarize") or an
+    # alert per key ("alert", the reference's behaviour).
+    no_baseline: str = "summarize"
     learning_period_minutes: int = 0  # a host or cluster younger than this raises no alert
     warmup_minutes: int = 0  # no alerts until this long after the data dir's first start
     suppress_for_minutes: int = 0  # one alert per (host, executable path) within this

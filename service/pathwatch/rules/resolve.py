@@ -92,6 +92,12 @@ def resolve_rules(configs: Sequence[RuleConfig]) -> list[Rule]:
             if cfg.mode not in ("schedule", "stream"):
                 raise ValueError(f"{where}.mode: expected schedule or stream, got {cfg.mode!r}")
             changes["mode"] = cfg.mode
+        if cfg.no_baseline is not None:
+            if cfg.no_baseline not in ("summarize", "alert"):
+                raise ValueError(
+                    f"{where}.no_baseline: expected summarize or alert, got {cfg.no_baseline!r}"
+                )
+            changes["no_baseline"] = cfg.no_baseline
         for name, value in (
             ("learning_period", cfg.learning_period),
             ("warmup", cfg.warmup),

@@ -25,6 +25,7 @@ from pathwatch.alerts.event import (
     alert_id,
     flood_event,
     late_risk_event,
+    no_baseline_event,
     refused_keys_event,
     rfc3339,
     risk_event,
@@ -34,7 +35,7 @@ from pathwatch.alerts.suspicious import suspicion
 from pathwatch.clock import MINUTE_MS, Clock
 from pathwatch.config.model import SinkConfig
 from pathwatch.engine.evaluate import Finding, PresenceReader, evaluate, late_findings
-from pathwatch.rules.model import HOST_FIELD, PATH_FIELD, Rule
+from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD, PATH_FIELD, Rule
 from pathwatch.store.alertlog import AlertStore, TickRecord
 from pathwatch.store.context import ContextMemo
 from pathwatch.store.firstseen import FirstSeenStore, StreamHit
@@ -48,6 +49,7 @@ log = structlog.get_logger(component="scheduler")
 class TickOutcome:
     alerts: list[dict[str, Any]]
     new: bool  # False when the tick had been recorded before (nothing was evaluated or queued)
+    dry_run: bool = False  # evaluated now, nothing recorded or delivered
 
 
 def _suspicion_of(event: RiskEvent) -> int:
@@ -87,6 +89,8 @@ class TickRunner:
         self._ledger = ledger
         self._watermarks = watermarks or TickWatermarks()
         self._next_tick = next_tick
+        # Per rule, the clusters the last tick found without baseline (for /api/v1/rules).
+        self.clusters_without_baseline: dict[str, list[str]] = {}
         self._max_alerts = max_alerts_per_tick
         self._gates = gates
         self._explainer = explainer
@@ -198,12 +202,16 @@ class TickRunner:
             self.publish(kept, extra)
             self._metrics.stream_alerts.labels(rule=rule_id).inc(len(kept))
 
-    def run(self, rule: Rule, tick_ms: int) -> TickOutcome:
+    def run(self, rule: Rule, tick_ms: int, *, dry_run: bool = False) -> TickOutcome:
         """Evaluate and record `rule` at `tick_ms`, or return what was recorded for it before.
 
         Past `max_alerts_per_tick`, the remaining alerts are recorded (listed by the API) but
         not delivered; one summary alert, listing them, is delivered in their place, and the
-        most suspicious paths are the ones delivered one by one.
+        most suspicious paths are the ones delivered one by one. A cluster without any
+        observation before the window gets one `no_baseline` summary instead of an alert per
+        key (unless the rule says `no_baseline: alert`).
+        With `dry_run`, answers what the tick would report now, at any minute, and records,
+        consumes and delivers nothing.
         Raises TickNotReady when the window plus the rule's delay has not passed, StoreError
         (retryable) when the commit fails; then nothing was recorded.
         """
@@ -212,14 +220,15 @@ class TickRunner:
             if existing is not None:
                 return TickOutcome(self._alerts.alerts_of(existing), new=False)
             ready_ms = tick_ms + int(rule.delay_seconds * 1000)
-            if self._clock.now_ms() < ready_ms:
+            if not dry_run and self._clock.now_ms() < ready_ms:
                 raise TickNotReady(
                     f"the tick at {rfc3339(tick_ms)} can run from {rfc3339(ready_ms)}: its "
                     f"window ends at the tick and rule {rule.id} waits {rule.delay_seconds:g} s "
-                    "for data still on its way"
+                    "for data still on its way (a dry run answers at any time)"
                 )
-            # From here on, a write that this evaluation may miss lists itself as late.
-            self._watermarks.advance(rule.id, tick_ms)
+            if not dry_run:
+                # From here on, a write that this evaluation may miss lists itself as late.
+                self._watermarks.advance(rule.id, tick_ms)
             started = self._clock.monotonic()
             try:
                 evaluation = evaluate(rule, tick_ms, self._reader)
@@ -228,8 +237,9 @@ class TickRunner:
             except Exception:
                 self._metrics.evaluations.labels(rule=rule.id, outcome="error").inc()
                 raise
-            findings = [*evaluation.findings, *late]
-            events = [risk_event(f) for f in evaluation.findings]
+            on_time, no_baseline = self._without_baseline(rule, tick_ms, evaluation.findings)
+            findings = [*on_time, *late]
+            events = [risk_event(f) for f in on_time]
             events += [late_risk_event(f, tick_ms) for f in late]
             extra: list[tuple[bytes, bytes]] = []
             if self._gates is not None:
@@ -246,9 +256,11 @@ class TickRunner:
                            flood_event(rule, tick_ms, events[self._max_alerts :])]  # fmt: skip
                 events = [*events, deliver[-1]]
                 self._metrics.alerts_summarised.labels(rule=rule.id).inc(len(events) - len(deliver))
-            if refused is not None:
-                deliver = [*deliver, refused]
-                events = [*events, refused]
+            for summary in [*no_baseline, *([refused] if refused is not None else [])]:
+                deliver = [*deliver, summary]
+                events = [*events, summary]
+            if dry_run:
+                return TickOutcome([e.body for e in events], new=False, dry_run=True)
             deliveries, overflow = self._route(deliver)
             record = TickRecord(
                 rule.id,
@@ -353,6 +365,46 @@ class TickRunner:
                         keys.add(tuple(str(fields[n]) for n in names))
             memo[tick_ms] = keys
         return memo[tick_ms]
+
+    def _without_baseline(
+        self, rule: Rule, tick_ms: int, findings: Sequence[Finding]
+    ) -> tuple[list[Finding], list[RiskEvent]]:
+        """Findings of clusters that have history before the window, and one summary for each
+        cluster that has none (its keys become baseline as usual). History replayed or
+        imported first counts, so a replay followed by an evaluation is the reference."""
+        self.clusters_without_baseline[rule.id] = []
+        if (
+            rule.no_baseline != "summarize"
+            or self._ledger is None
+            or CLUSTER_FIELD not in rule.key_fields
+        ):
+            return list(findings), []
+        window_start = tick_ms - rule.window_minutes * MINUTE_MS
+        fresh: dict[str, bool] = {}
+        kept: list[Finding] = []
+        held: dict[str, list[Finding]] = {}
+        for f in findings:
+            cluster = rule.field_value(f.key, CLUSTER_FIELD) or ""
+            if cluster not in fresh:
+                first = self._ledger.entity_first_seen("c", cluster)
+                fresh[cluster] = first is None or first >= window_start
+            if fresh[cluster]:
+                held.setdefault(cluster, []).append(f)
+            else:
+                kept.append(f)
+        summaries = []
+        for cluster, group in sorted(held.items()):
+            listed = [
+                (
+                    rule.field_value(f.key, HOST_FIELD) or "",
+                    rule.field_value(f.key, PATH_FIELD) or "",
+                )
+                for f in group
+            ]
+            summaries.append(no_baseline_event(rule, tick_ms, cluster, listed))
+        self.clusters_without_baseline[rule.id] = sorted(held)
+        self._metrics.clusters_without_baseline.labels(rule=rule.id).set(len(held))
+        return kept, summaries
 
     def _refused(self, rule: Rule, tick_ms: int) -> tuple[RiskEvent | None, list[bytes]]:
         """One summary of the keys new-key caps refused since the previous tick."""

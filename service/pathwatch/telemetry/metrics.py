@@ -190,6 +190,12 @@ class Metrics:
             "warm-up is over), else 0.",
             ("rule",),
         )
+        self.clusters_without_baseline = self._gauge(
+            "pathwatch_clusters_without_baseline",
+            "Clusters the rule's last tick found with no observation before its window (one "
+            "no_baseline summary each instead of an alert per key).",
+            ("rule",),
+        )
         self.keys_refused = self._counter(
             "pathwatch_keys_refused_total",
             "New keys not tracked because a new-key limit was reached.",
