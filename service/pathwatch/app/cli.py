@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rule", default="kubernetes_process_running_from_new_path")
     ev.add_argument("--at", required=True, help="evaluation time, RFC 3339, a whole minute")
     ev.add_argument("--data-dir", help="override data_dir")
+    ev.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="accepted for symmetry with the API's dry_run: evaluating a stopped data dir "
+        "never records a tick nor delivers anything",
+    )
     ev.set_defaults(func=_cmd_evaluate)
     ins = with_config(sub.add_parser("inspect", help="show stored keys (stopped data dir)"))
     ins.add_argument("--rule", default="kubernetes_process_running_from_new_path")
