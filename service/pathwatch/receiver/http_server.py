@@ -188,8 +188,18 @@ class _Handler(BoundedHandler):
         self._reject(
             _Reject(503, "pathwatch is serving its maximum of connections", None,
                     retry_after=_RETRY_AFTER_S),
-            PROTOBUF,
+            self._answer_media(),
         )  # fmt: skip
+
+    def _answer_media(self) -> str:
+        """The encoding of an answer: the request's (OTLP: the response uses the request's
+        encoding), else what the client accepts, else protobuf. Also for 404, 405 and 415."""
+        for header in ("Content-Type", "Accept"):
+            for part in (self.headers.get(header) or "").split(","):
+                media = _MEDIA_TYPES.get(part.split(";", 1)[0].strip().lower())
+                if media is not None:
+                    return media
+        return PROTOBUF
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -197,7 +207,7 @@ class _Handler(BoundedHandler):
         if urlsplit(self.path).path != METRICS_PATH:
             self._prepare_body()
             self._reject(_Reject(404, f"no such endpoint; POST OTLP metrics to {METRICS_PATH}",
-                                 None), PROTOBUF)  # fmt: skip
+                                 None), self._answer_media())  # fmt: skip
             return
         self._srv.begin()
         try:
@@ -208,9 +218,11 @@ class _Handler(BoundedHandler):
     def _other_method(self) -> None:
         self._prepare_body()
         if urlsplit(self.path).path == METRICS_PATH:
-            self._reject(_Reject(405, f"{self.command} not allowed; use POST", None), PROTOBUF)
+            self._reject(
+                _Reject(405, f"{self.command} not allowed; use POST", None), self._answer_media()
+            )
         else:
-            self._reject(_Reject(404, "no such endpoint", None), PROTOBUF)
+            self._reject(_Reject(404, "no such endpoint", None), self._answer_media())
 
     def do_GET(self) -> None:  # noqa: N802 (http.server calls do_<METHOD>)
         self._other_method()
@@ -267,7 +279,7 @@ class _Handler(BoundedHandler):
         except _Reject as reject:
             if reject.outcome is not None:
                 metrics.export_requests.labels(outcome=reject.outcome).inc()
-            self._reject(reject, media or PROTOBUF)
+            self._reject(reject, media or self._answer_media())
             return
         except (TimeoutError, ConnectionError):
             # The client stalled (answered 408 by the transport) or left mid-body.
@@ -276,7 +288,7 @@ class _Handler(BoundedHandler):
             return
         except Exception:
             log.exception("otlp http export failed")
-            self._reject(_Reject(500, "internal error", None), media or PROTOBUF)
+            self._reject(_Reject(500, "internal error", None), media or self._answer_media())
             return
         finally:
             metrics.export_seconds.observe(time.monotonic() - started)
