@@ -5,6 +5,7 @@ from pathwatch.store.codec import KeyState, RecordFormatError
 from pathwatch.store.db import Database, DatabaseOptions, DataDirInUse, StoreError
 from pathwatch.store.firstseen import FirstSeenStore, Retention
 from pathwatch.store.presence import PresenceHistory
+from pathwatch.store.sweep import KeyspaceSweeper, SweepPolicy
 from pathwatch.store.writer import Backpressure, IngestWriter, Ticket, WriteFailed, WriterConfig
 
 __all__ = [
@@ -17,10 +18,12 @@ __all__ = [
     "FirstSeenStore",
     "IngestWriter",
     "KeyState",
+    "KeyspaceSweeper",
     "PresenceHistory",
     "RecordFormatError",
     "Retention",
     "StoreError",
+    "SweepPolicy",
     "TickRecord",
     "Ticket",
     "WriteFailed",

@@ -34,7 +34,7 @@ from pathwatch.store.codec import (
     encode_state,
     first_seen_of,
 )
-from pathwatch.store.context import ContextIndex
+from pathwatch.store.context import ContextIndex, LiveContext, checked_of, with_checked
 from pathwatch.store.db import Batch, Database, StoreError
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory, new_onsets
@@ -520,44 +520,10 @@ class FirstSeenStore:
     def expire(self, rule: str, retention: Retention, now_ms: int) -> int:
         """Delete keys of `rule` unseen for longer than the horizon; trim old index hours.
 
-        Returns the number of keys deleted. Writer thread only.
+        Returns the number of keys deleted. Writer thread only. (The keyspace sweep calls
+        `expire_rule`, which also counts the expiry-index entries.)
         """
-        now_min = now_ms // MINUTE_MS
-        cutoff_day = (now_min - retention.horizon_minutes) // MINUTES_PER_DAY
-        lower = ks.expiry_bound(rule, 0)
-        upper = ks.expiry_bound(rule, cutoff_day)
-        prefix_len = len(ks.expiry_bound(rule, 0)) - 4
-        wb = Batch()
-        deleted = 0
-        count_key = ks.meta_key(f"keys:{rule}")
-        remaining = self.key_count(rule)
-        for raw, _ in self._db.scan(lower, upper, values=False):
-            day, encoded = ks.split_indexed(prefix_len, raw)
-            wb.delete(raw)
-            rkey = ks.record_prefix(rule) + encoded
-            value = self._db.get(rkey)
-            if value is None:
-                continue
-            state = decode_state(value)
-            if state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) <= day:
-                wb.delete(rkey)
-                self._cache.pop((rule, decode_key(encoded)), None)
-                deleted += 1
-                remaining = max(0, remaining - 1)
-            if wb.count >= 10_000:
-                wb.put(count_key, str(remaining).encode())
-                self._db.commit(wb)
-                self._counts[rule] = remaining
-                wb = Batch()
-        wb.put(count_key, str(remaining).encode())
-        self._db.commit(wb)
-        self._counts[rule] = remaining
-        index_floor = (now_min - retention.index_minutes) // MINUTES_PER_HOUR
-        self._db.delete_range(ks.activity_bound(rule, 0), ks.activity_bound(rule, index_floor))
-        self._db.delete_range(
-            ks.onset_bound(rule, 0), ks.onset_bound(rule, index_floor * MINUTES_PER_HOUR)
-        )
-        return deleted
+        return self.expire_rule(rule, retention, now_ms)[0]
 
     # -- the onset index's coverage ----------------------------------------------------------
 
@@ -705,3 +671,139 @@ class FirstSeenStore:
             if n >= limit:
                 break
         return n
+
+    # -- the keyspace sweep (writer thread only) --------------------------------------------
+
+    def expire_rule(self, rule: str, retention: Retention, now_ms: int) -> tuple[int, int]:
+        """`expire`: returns (keys deleted, expiry-index entries deleted). Batches of 10,000.
+
+        A record that cannot be read keeps its expiry-index entry (and so is looked at again
+        by the next sweep): the writer quarantines it at its next observation.
+        """
+        now_min = now_ms // MINUTE_MS
+        cutoff_day = (now_min - retention.horizon_minutes) // MINUTES_PER_DAY
+        lower = ks.expiry_bound(rule, 0)
+        upper = ks.expiry_bound(rule, cutoff_day)
+        prefix_len = len(ks.expiry_bound(rule, 0)) - 4
+        wb = Batch()
+        deleted = index_deleted = 0
+        count_key = ks.meta_key(f"keys:{rule}")
+        remaining = self.key_count(rule)
+        for raw, _ in self._db.scan(lower, upper, values=False):
+            day, encoded = ks.split_indexed(prefix_len, raw)
+            rkey = ks.record_prefix(rule) + encoded
+            value = self._db.get(rkey)
+            if value is not None:
+                try:
+                    state = decode_state(value)
+                except RecordFormatError as exc:
+                    log.error("unreadable key record not expired", rule=rule, reason=str(exc))
+                    continue
+                if state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) <= day:
+                    wb.delete(rkey)
+                    self._cache.pop((rule, decode_key(encoded)), None)
+                    deleted += 1
+                    remaining = max(0, remaining - 1)
+            wb.delete(raw)
+            index_deleted += 1
+            if wb.count >= 10_000:
+                wb.put(count_key, str(remaining).encode())
+                self._db.commit(wb)
+                self._counts[rule] = remaining
+                wb = Batch()
+        wb.put(count_key, str(remaining).encode())
+        self._db.commit(wb)
+        self._counts[rule] = remaining
+        index_floor = (now_min - retention.index_minutes) // MINUTES_PER_HOUR
+        self._db.delete_range(ks.activity_bound(rule, 0), ks.activity_bound(rule, index_floor))
+        self._db.delete_range(
+            ks.onset_bound(rule, 0), ks.onset_bound(rule, index_floor * MINUTES_PER_HOUR)
+        )
+        return deleted, index_deleted
+
+    def context_liveness(
+        self, groups: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], LiveContext | None]:
+        """For (cluster, host) pairs: the paths and (name, path) pairs that stored keys of the
+        context rules hold (one prefix scan per pair and rule). None for every pair when a
+        context rule's key does not start with the host or the cluster, so that its keys
+        cannot be found by prefix: then the caller keeps the entries."""
+        plans: list[tuple[str, tuple[int, int, int, int | None], tuple[int, ...]]] = []
+        for rule, fields in self._context_fields.items():
+            c, h, _, _ = fields
+            lead: list[int] = []
+            for pos in range(2):
+                if pos not in (c, h):
+                    break
+                lead.append(pos)
+            if not lead:
+                return dict.fromkeys(groups)
+            plans.append((rule, fields, tuple(lead)))
+        out: dict[tuple[str, str], LiveContext | None] = {}
+        for cluster, host in groups:
+            paths: set[str] = set()
+            names: set[tuple[str, str]] = set()
+            for rule, (c, h, p, n), positions in plans:
+                values = tuple(host if pos == h else cluster for pos in positions)
+                plen = len(ks.record_prefix(rule))
+                prefix = ks.record_prefix(rule) + encode_key(values)
+                for raw, _ in self._db.scan_prefix(prefix, values=False):
+                    key = decode_key(raw[plen:])
+                    if key[c] == cluster and key[h] == host:
+                        paths.add(key[p])
+                        if n is not None:
+                            names.add((key[n], key[p]))
+            out[(cluster, host)] = LiveContext(frozenset(paths), frozenset(names))
+        return out
+
+    def _entity_alive(self, kind: str, name: str) -> bool:
+        """Whether a host ("h") or cluster ("c") may still have stored keys: true when one is
+        found, or when some rule keeps the field where no prefix finds it (then it is kept)."""
+        positions = self._host_field if kind == "h" else self._cluster_field
+        unsure = False
+        for rule, pos in positions.items():
+            if pos == 0:
+                prefix = ks.record_prefix(rule) + encode_key((name,))
+                for _ in self._db.scan_prefix(prefix, values=False):
+                    return True
+            elif kind == "c" and rule in self._context_fields:
+                # The context index holds the cluster while a context rule's key does.
+                prefix = b"P" + name.encode("utf-8", "surrogatepass") + b"\x00"
+                for _ in self._db.scan_prefix(prefix, values=False):
+                    return True
+            else:
+                unsure = True
+        return unsure
+
+    def sweep_entities(
+        self, now_ms: int, stale_before_ms: int, start: bytes, in_time: Callable[[], bool]
+    ) -> tuple[int, bytes | None]:
+        """Check host and cluster first-seen entries (``H``) from `start` whose last check is
+        older than `stale_before_ms`: delete those with no stored key left, confirm the others
+        at `now_ms`. Returns (deleted, where to resume or None when the keyspace is done)."""
+        wb = Batch()
+        deleted = 0
+        resume: bytes | None = None
+        for read, (ekey, value) in enumerate(self._db.scan(start, b"I"), 1):
+            if checked_of(value) < stale_before_ms:
+                kind, _, name = ekey[1:].partition(b"\x00")
+                if self._entity_alive(kind.decode(), name.decode("utf-8", "surrogatepass")):
+                    wb.put(ekey, with_checked(value, now_ms))
+                else:
+                    wb.delete(ekey)
+                    self._entities.pop(ekey, None)
+                    deleted += 1
+            if read % 10_000 == 0:
+                self._db.commit(wb)
+                wb = Batch()
+                if not in_time():
+                    resume = ekey + b"\x00"
+                    break
+        self._db.commit(wb)
+        return deleted, resume
+
+    def forget_rule(self, rule: str) -> None:
+        """Drop what memory holds of `rule` after the sweep removed its keyspaces."""
+        self._counts.pop(rule, None)
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != rule}
+        self._context_fields.pop(rule, None)

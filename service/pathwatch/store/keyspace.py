@@ -19,7 +19,11 @@
   refused; the next tick lists it in a summary alert and deletes the entry
 - ``Q rule 0x00 key`` -> JSON {reason, at_ms, record (hex)}: a key record that could not be
   read, set aside; the key starts a new history (so it can alert again, never stay hidden)
-- ``M name`` -> metadata (first start, sequence numbers)
+- ``C kind ...`` -> exact context counts for ``P`` / ``N`` (context.py), written with them
+- ``M name`` -> metadata (first start, sequence numbers, per rule ``keys:``, ``onsets:``,
+  ``rule-seen:``; ``context:counted``)
+
+Every tag has an owner and an expiry: the table is ``sweep.OWNERS`` (and docs/storage.md).
 
 Rule ids and sink names never contain NUL (config validation), so ``tag name 0x00`` is a prefix
 that no other rule or sink shares. Big-endian integers keep time order equal to byte order.
