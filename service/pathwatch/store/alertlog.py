@@ -4,6 +4,11 @@
 batch, so after a crash either the whole evaluation is there (and is delivered) or none of it is
 (and the tick runs again, producing the same alert ids). A delivery record is deleted only after
 its sink acknowledged it (`ack`), or moved to the dead letters in the same write.
+
+Each sink's outbox depth is a counter: counted by one scan of the outbox at first use (so a
+restart, kill -9 included, starts from the exact figure), then kept by every write here that adds
+or removes an outbox record. A write that fails may still apply later (see `Database.commit`), so
+after one the counters are recounted once a write has succeeded again.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pathwatch.store import keyspace as ks
-from pathwatch.store.db import Batch, Database
+from pathwatch.store.db import Batch, Database, StoreError
 
 _SEQ_KEY = ks.meta_key("seq")
+_OUTBOX_TAG = ks.outbox_prefix("")[:1]
+_DEADLETTER_TAG = ks.deadletter_prefix("")[:1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +59,43 @@ class AlertStore:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Serialises sequence numbers, tick idempotency and every outbox write with the depth
+        # counters, so a counter always matches the writes that went through.
         self._lock = threading.Lock()
         raw = db.get(_SEQ_KEY)
         self._seq = int(raw) if raw else 0
+        self._depths: dict[str, int] | None = None  # None: not counted yet, or unknown
+        self._writes_ok = True  # False after a failed write, until one succeeds
+
+    def _write(self, batch: Batch, moved: dict[str, int] | None) -> None:
+        """Commit `batch` (holding `_lock`) and apply `moved` (outbox records added or, when
+        negative, removed per sink) to the counters. On StoreError the counters become unknown:
+        the write may apply later (WAL replay on reopen), so they are recounted after the next
+        successful write."""
+        try:
+            self._db.commit(batch)
+        except StoreError:
+            self._depths, self._writes_ok = None, False
+            raise
+        self._writes_ok = True
+        if self._depths is not None:
+            if moved is None:
+                self._depths = None
+                return
+            for sink, n in moved.items():
+                self._depths[sink] = self._depths.get(sink, 0) + n
+
+    def _counted(self) -> dict[str, int]:
+        """The depth of every sink's outbox (holding `_lock`): one scan when not known."""
+        if self._depths is not None:
+            return self._depths
+        counts: dict[str, int] = {}
+        for key, _ in self._db.scan(_OUTBOX_TAG, ks.prefix_end(_OUTBOX_TAG), values=False):
+            sink = key[1:-9].decode()  # tag, sink name, NUL, u64 sequence number
+            counts[sink] = counts.get(sink, 0) + 1
+        if self._writes_ok:
+            self._depths = counts
+        return counts
 
     # -- meta ------------------------------------------------------------------------------
 
@@ -121,6 +162,11 @@ class AlertStore:
                 b.put(key, value)
             for key in deletes:
                 b.delete(key)
+            added: dict[str, int] = {}
+            for sink, _, _ in deliveries:
+                added[sink] = added.get(sink, 0) + 1
+            # An outbox key among `extra` or `deletes` is not a write this method can count.
+            raw = any(k[:1] == _OUTBOX_TAG for k in [*(k for k, _ in extra), *deletes])
             seq = self._seq
             for kind, items in ((ks.outbox_key, deliveries), (ks.deadletter_key, overflow)):
                 for sink, alert_id, event in items:
@@ -133,7 +179,7 @@ class AlertStore:
             # Taken before the commit: a commit that fails in its WAL sync may still have
             # applied, and its numbers must never be reused (gaps are harmless).
             self._seq = seq
-            self._db.commit(b)
+            self._write(b, None if raw else added)
             return True
 
     def alerts_of(self, tick: TickRecord) -> list[dict[str, Any]]:
@@ -187,26 +233,44 @@ class AlertStore:
         return out
 
     def depth(self, sink: str) -> int:
-        return sum(1 for _ in self._db.scan_prefix(ks.outbox_prefix(sink), values=False))
+        """Delivery records in `sink`'s outbox: a counter, not a scan (see the module doc)."""
+        with self._lock:
+            return self._counted().get(sink, 0)
 
     def ack(self, delivery: Delivery) -> None:
-        b = Batch()
-        b.delete(ks.outbox_key(delivery.sink, delivery.seq))
-        self._db.commit(b)
+        """Remove an acknowledged delivery record (a no-op when it is gone already)."""
+        key = ks.outbox_key(delivery.sink, delivery.seq)
+        with self._lock:
+            if self._db.get(key) is None:
+                return
+            b = Batch()
+            b.delete(key)
+            self._write(b, {delivery.sink: -1})
 
     def update(self, delivery: Delivery) -> None:
-        """Persist a changed delivery record (attempt count, last error)."""
-        b = Batch()
-        b.put(ks.outbox_key(delivery.sink, delivery.seq), json.dumps(delivery.record).encode())
-        self._db.commit(b)
+        """Persist a changed delivery record (attempt count, last error). A record no longer in
+        the outbox (acknowledged or dead-lettered meanwhile) is not brought back."""
+        key = ks.outbox_key(delivery.sink, delivery.seq)
+        with self._lock:
+            if self._db.get(key) is None:
+                return
+            b = Batch()
+            b.put(key, json.dumps(delivery.record).encode())
+            self._write(b, {})
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move `delivery` from the outbox to the dead letters, atomically."""
+        """Move `delivery` from the outbox to the dead letters with `reason`, atomically. A
+        record no longer in the outbox (acknowledged meanwhile) is left alone: a redrive must
+        not send a delivered alert again."""
         record = dict(delivery.record, reason=reason)
-        b = Batch()
-        b.delete(ks.outbox_key(delivery.sink, delivery.seq))
-        b.put(ks.deadletter_key(delivery.sink, delivery.seq), json.dumps(record).encode())
-        self._db.commit(b)
+        key = ks.outbox_key(delivery.sink, delivery.seq)
+        with self._lock:
+            if self._db.get(key) is None:
+                return
+            b = Batch()
+            b.delete(key)
+            b.put(ks.deadletter_key(delivery.sink, delivery.seq), json.dumps(record).encode())
+            self._write(b, {delivery.sink: -1})
 
     def deadletters(self, sink: str | None, sinks: Sequence[str]) -> Iterator[Delivery]:
         for name in [sink] if sink else sinks:
@@ -218,17 +282,20 @@ class AlertStore:
 
     def redrive(self, sink: str | None, sinks: Sequence[str]) -> int:
         """Move dead letters back into the outbox (same sequence numbers, attempts reset)."""
-        moved = 0
+        moved: dict[str, int] = {}
         b = Batch()
-        for d in list(self.deadletters(sink, sinks)):
-            record = {
-                k: v for k, v in d.record.items() if k not in ("reason", "attempts", "last_error")
-            }
-            b.delete(ks.deadletter_key(d.sink, d.seq))
-            b.put(ks.outbox_key(d.sink, d.seq), json.dumps(record).encode())
-            moved += 1
-        self._db.commit(b)
-        return moved
+        with self._lock:
+            for d in list(self.deadletters(sink, sinks)):
+                record = {
+                    k: v
+                    for k, v in d.record.items()
+                    if k not in ("reason", "attempts", "last_error")
+                }
+                b.delete(ks.deadletter_key(d.sink, d.seq))
+                b.put(ks.outbox_key(d.sink, d.seq), json.dumps(record).encode())
+                moved[d.sink] = moved.get(d.sink, 0) + 1
+            self._write(b, moved)
+        return sum(moved.values())
 
 
 def _tick_from(rule_id: str, raw: bytes) -> TickRecord:
