@@ -6,17 +6,24 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pathwatch.alerts.dispatcher import Dispatcher, SinkWorker
+from pathwatch.alerts.http import HttpRequest
+from pathwatch.clock import SystemClock
 from pathwatch.config.model import Duration, RetryConfig, SinkConfig
 from pathwatch.store import Database
 from pathwatch.store import keyspace as ks
-from pathwatch.store.alertlog import AlertStore
+from pathwatch.store.alertlog import AlertStore, Delivery
+from pathwatch.telemetry.metrics import Metrics
+from tests.support import HttpSink, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +56,46 @@ def db(tmp_path: Path) -> Iterator[Database]:
 
 def webhook(url: str, name: str = "soc", **extra: Any) -> SinkConfig:
     return SinkConfig(name=name, type="webhook", url=url, retry=FAST_RETRY, **extra)
+
+
+# -- each alert once --------------------------------------------------------------------------
+
+
+def test_thousands_of_alerts_with_many_workers_are_each_sent_once(
+    db: Database, sink: HttpSink
+) -> None:
+    """3,000 alerts committed in one write, 8 workers, and commits of other ticks notifying
+    the dispatcher meanwhile: every webhook-id reaches the receiver exactly once."""
+    alerts = AlertStore(db)
+    metrics = Metrics()
+    dispatcher = Dispatcher([webhook(sink.url, max_concurrency=8)], alerts, SystemClock(), metrics)
+    dispatcher.start()
+    stop = threading.Event()
+
+    def other_ticks() -> None:
+        # Other rules' ticks commit and notify while this one is delivered (a redrive, which
+        # re-reads the whole outbox, now and then).
+        n = 0
+        while not stop.wait(0.002):
+            n += 1
+            dispatcher.notify(full=n % 25 == 0)
+
+    noise = threading.Thread(target=other_ticks, daemon=True)
+    try:
+        noise.start()
+        ids = enqueue(alerts, ["soc"], range(3000))
+        dispatcher.notify()
+        wait_until(lambda: outbox_count(db, "soc") == 0, timeout=120, interval=0.1)
+        stop.set()
+        noise.join(5)
+        # Barrier: once nothing is queued in memory either, no further request can be sent.
+        wait_until(lambda: dispatcher.statuses()[0].depth == 0, timeout=20)
+    finally:
+        stop.set()
+        dispatcher.shutdown(10)
+    sent = Counter(r.headers["webhook-id"] for r in sink.received)
+    assert set(sent) == set(ids)
+    assert {i: n for i, n in sent.items() if n > 1} == {}
 
 
 # -- the outbox depth: a counter ------------------------------------------------------------
@@ -167,3 +214,86 @@ def test_outbox_depth_is_exact_after_kill_9(tmp_path: Path) -> None:
             assert depth_without_scanning(db, alerts, "soc") == 25
     finally:
         db.close()
+
+
+# -- workers that survive ---------------------------------------------------------------------
+
+
+class PickySink:
+    """A batching sink (a JSON list of ids per request) whose formatting raises for one id."""
+
+    def __init__(self, config: SinkConfig, bad_id: str) -> None:
+        self.config = config
+        self.batch_size = 10
+        self.bad_id = bad_id
+
+    def request(self, deliveries: Sequence[Delivery]) -> HttpRequest:
+        ids = [d.alert_id for d in deliveries]
+        if self.bad_id in ids:
+            raise KeyError("fields")  # what a sink bug on an unexpected event looks like
+        import json
+
+        return HttpRequest(self.config.url, json.dumps(ids).encode())
+
+
+def test_alert_the_sink_cannot_format_is_dead_lettered_alone(db: Database, sink: HttpSink) -> None:
+    """In a batching sink, one alert whose formatting raises is dead-lettered with the reason
+    and counted as a component failure of the sink; the other alerts of its batch, and of every
+    batch, are delivered."""
+    alerts = AlertStore(db)
+    metrics = Metrics()
+    config = webhook(sink.url, name="batch", max_concurrency=2)
+    ids = enqueue(alerts, ["batch"], range(30))
+    worker = SinkWorker(PickySink(config, ids[13]), alerts, SystemClock(), metrics)
+    worker.start()
+    try:
+        wait_until(lambda: alerts.depth("batch") == 0, timeout=30)
+    finally:
+        worker.shutdown(5)
+    delivered = [i for r in sink.received for i in r.json()]
+    assert sorted(delivered) == sorted(set(ids) - {ids[13]})
+    (dead,) = alerts.deadletters("batch", ["batch"])
+    assert dead.alert_id == ids[13] and "cannot build request: KeyError" in dead.record["reason"]
+    failures = metrics.component_failures.labels(component="sink:batch")._value.get()
+    assert failures >= 1
+
+
+class AckFailsOnce(AlertStore):
+    """A real AlertStore whose ack raises an unexpected error once, for one alert."""
+
+    def __init__(self, db: Database, alert_id: str) -> None:
+        super().__init__(db)
+        self.alert_id = alert_id
+        self.raised = False
+
+    def ack(self, delivery: Delivery) -> None:
+        if delivery.alert_id == self.alert_id and not self.raised:
+            self.raised = True
+            raise RuntimeError("unexpected: index out of range")
+        super().ack(delivery)
+
+
+def test_worker_survives_an_unexpected_exception_and_counts_it(
+    db: Database, sink: HttpSink
+) -> None:
+    """With a single worker, an unexpected exception while finishing one batch neither kills
+    the worker nor loses the alert: it is logged with its stack and counted under
+    component="sink:<name>", and every alert is delivered (that one again, after a backoff)."""
+    from structlog.testing import capture_logs
+
+    alerts = AckFailsOnce(db, "alert-00002")
+    metrics = Metrics()
+    enqueue(alerts, ["soc"], range(6))
+    dispatcher = Dispatcher([webhook(sink.url, max_concurrency=1)], alerts, SystemClock(), metrics)
+    with capture_logs() as logs:
+        dispatcher.start()
+        try:
+            wait_until(lambda: alerts.depth("soc") == 0, timeout=30)
+        finally:
+            dispatcher.shutdown(5)
+    sent = Counter(r.headers["webhook-id"] for r in sink.received)
+    assert sent == {f"alert-{i:05d}": 1 for i in range(6)} | {"alert-00002": 2}
+    assert metrics.component_failures.labels(component="soc")._value.get() == 0
+    assert metrics.component_failures.labels(component="sink:soc")._value.get() == 1
+    (failure,) = [e for e in logs if e.get("sink") == "soc" and e.get("exc_info")]
+    assert failure["log_level"] == "error" and "alert-00002" in failure["alert_ids"]

@@ -4,18 +4,26 @@ At-least-once: a delivery record leaves the outbox only when its sink acknowledg
 is moved to the dead letters (permanent failure, or older than ``retry.max_age``). Retries use
 exponential backoff with full jitter, never shorter than the sink's Retry-After. A 410 Gone
 disables the sink until restart and keeps its records.
+
+Within one process each record is sent once per attempt: a worker claims it before sending, and
+a record acknowledged while the outbox was being read is not queued again by that read.
+Workers never die of one batch: an unexpected exception is logged with its stack, counted in
+``pathwatch_component_failures_total{component="sink:<name>"}``, the batch is retried later, and
+the worker goes on after a short backoff. An alert that the sink cannot format is dead-lettered
+alone; the others of its batch are sent.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from pathwatch.alerts.http import HttpPoster, SendResult
+from pathwatch.alerts.http import HttpPoster, HttpRequest, SendResult
 from pathwatch.alerts.sinks import Sink, build_sink
 from pathwatch.clock import Clock
 from pathwatch.config.model import SinkConfig
@@ -26,8 +34,10 @@ from pathwatch.telemetry.metrics import Metrics
 log = structlog.get_logger(component="alerts")
 
 _REFRESH_S = 5.0
+_DEADLETTER_REFRESH_S = 60.0  # the dead-letter gauge is a scan: read it seldom, or on change
 _MAX_WAIT_S = 1.0
 _MAX_LOADED = 10_000  # outbox records held in memory per sink; the rest stay in RocksDB
+_FAILURE_BACKOFF_S = (0.2, 5.0)  # a worker's pause after an unexpected exception: first, most
 
 
 def backoff_seconds(
@@ -41,6 +51,11 @@ def backoff_seconds(
     return delay
 
 
+def _int(value: object) -> int:
+    """An attempt count read from a stored record, 0 when it is not a number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 @dataclass(frozen=True, slots=True)
 class SinkStatus:
     name: str
@@ -51,7 +66,13 @@ class SinkStatus:
 
 
 class SinkWorker:
-    """Delivers one sink's outbox. Threads: `max_concurrency`; all waits are bounded."""
+    """Delivers one sink's outbox. Threads: `max_concurrency`; all waits are bounded.
+
+    The in-memory queue mirrors part of the outbox. One worker at a time reads the outbox into
+    it (`_refresh`); while that read runs, the records other workers acknowledge or dead-letter
+    are noted (`_settled`) so the read cannot bring them back. Without that, a read that began
+    before an acknowledgement re-queued the record after it, and it was sent twice.
+    """
 
     def __init__(
         self,
@@ -76,7 +97,13 @@ class SinkWorker:
         self._stop = False
         self._dirty = True
         self._full = False
-        self._depth = 0
+        self._refreshing = threading.Lock()  # held by the one worker reading the outbox
+        self._settled: set[int] | None = None  # records gone from the outbox during that read
+        self._reading = False  # a read of the outbox is under way (guarded by _cond)
+        self._more = False  # the last read stopped at the memory bound: more wait in RocksDB
+        self._last_refresh = 0.0
+        self._deadletters_read = -_DEADLETTER_REFRESH_S  # monotonic time of the last count
+        self._deadletters_changed = True
         self._threads: list[threading.Thread] = []
         self.disabled: str | None = None
 
@@ -84,16 +111,25 @@ class SinkWorker:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def component(self) -> str:
+        """The name of this sink's workers in the supervision metrics."""
+        return f"sink:{self.name}"
+
     def start(self) -> None:
         if self._threads:
             return
-        self._refresh()
+        try:
+            self._refresh()
+        except Exception:  # the workers read it again; starting must not fail on it
+            self._failed(None)
         for i in range(self.config.max_concurrency):
             t = threading.Thread(
-                target=self._loop, name=f"pathwatch-sink-{self.name}-{i}", daemon=True
+                target=self._run, name=f"pathwatch-sink-{self.name}-{i}", daemon=True
             )
             t.start()
             self._threads.append(t)
+        self._metrics.component_up.labels(component=self.component).set(1)
 
     def notify(self, full: bool = False) -> None:
         """New records are in the outbox; `full` re-reads all of it (after a redrive, whose
@@ -101,51 +137,93 @@ class SinkWorker:
         with self._cond:
             self._dirty = True
             self._full |= full
+            if full:
+                self._deadletters_changed = True
             self._cond.notify_all()
 
     def shutdown(self, timeout: float) -> None:
+        """Stop the workers, waiting `timeout` in total for a request in flight to end."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self._threads and not any(t.is_alive() for t in self._threads):
+            self._metrics.component_up.labels(component=self.component).set(0)
 
     def status(self) -> SinkStatus:
         with self._cond:
             oldest = min(
                 (d.record.get("enqueued_ms", 0) for d in self._queue.values()), default=None
             )
-            depth = max(self._depth, len(self._queue))
+            queued = len(self._queue)
+        depth = max(self._alerts.depth(self.name), queued)
         age = 0.0 if oldest is None else max(0.0, (self._clock.now_ms() - oldest) / 1000)
         return SinkStatus(self.name, self.config.type, self.disabled, depth, age)
 
+    # -- the outbox in memory ----------------------------------------------------------------
+
     def _refresh(self) -> None:
         """Load outbox records not loaded yet, keeping at most _MAX_LOADED in memory (the rest
-        wait in RocksDB), and refresh the depth and dead-letter figures."""
-        with self._cond:
-            full, self._full = self._full, False
-            after = 0 if full else self._loaded_seq
-            room = _MAX_LOADED - len(self._queue)
-        try:
-            fresh = self._alerts.pending(self.name, after, limit=room) if room > 0 else []
-            depth = self._alerts.depth(self.name)
-            dead = self._alerts.deadletter_count(self.name)
-        except StoreError as exc:
-            log.error("cannot read outbox", sink=self.name, error=str(exc))
+        wait in RocksDB), and refresh the depth and dead-letter figures. Returns at once when
+        another worker is reading the outbox: that read serves this one too (`_dirty` stays
+        set when a notification came after it began)."""
+        if not self._refreshing.acquire(blocking=False):
             return
-        with self._cond:
-            for d in fresh:
-                if d.seq not in self._queue:
-                    self._queue[d.seq] = d
-                self._loaded_seq = max(self._loaded_seq, d.seq)
-            self._depth = depth
-            self._dirty = False
+        try:
+            with self._cond:
+                full, self._full = self._full, False
+                self._dirty = False
+                after = 0 if full else self._loaded_seq
+                room = _MAX_LOADED - len(self._queue)
+                self._settled = set()
+                self._reading = True
+                count_dead = self._deadletters_changed or (
+                    self._clock.monotonic() - self._deadletters_read > _DEADLETTER_REFRESH_S
+                )
+                self._deadletters_changed = False
+            self._last_refresh = self._clock.monotonic()
+            try:
+                fresh = self._alerts.pending(self.name, after, limit=room) if room > 0 else []
+                dead = self._alerts.deadletter_count(self.name) if count_dead else None
+            except BaseException as exc:
+                with self._cond:
+                    self._settled, self._reading = None, False
+                    self._full |= full
+                    self._deadletters_changed |= count_dead
+                if not isinstance(exc, StoreError):
+                    raise
+                log.error("cannot read outbox", sink=self.name, error=str(exc))
+                return
+            with self._cond:
+                # In one critical section with taking `_settled`: a record acknowledged after
+                # this point is in the queue already, and `_forget` removes it from there.
+                settled, self._settled = self._settled or set(), None
+                for d in fresh:
+                    if d.seq not in self._queue and d.seq not in settled:
+                        self._queue[d.seq] = d
+                    self._loaded_seq = max(self._loaded_seq, d.seq)
+                self._more = room <= 0 or len(fresh) >= room
+                self._reading = False
+                self._cond.notify_all()
+            if dead is not None:
+                self._deadletters_read = self._clock.monotonic()
+                self._metrics.deadletters.labels(sink=self.name).set(dead)
             self._publish()
-        self._metrics.deadletters.labels(sink=self.name).set(dead)
+        finally:
+            self._refreshing.release()
 
     def _publish(self) -> None:
-        self._metrics.outbox_depth.labels(sink=self.name).set(max(self._depth, len(self._queue)))
-        oldest = min((d.record.get("enqueued_ms", 0) for d in self._queue.values()), default=None)
+        """Update the depth and age gauges. Not under `_cond`: the depth counter takes the
+        store's lock, which a large tick commit holds for a while."""
+        depth = self._alerts.depth(self.name)
+        with self._cond:
+            queued = len(self._queue)
+            oldest = min(
+                (d.record.get("enqueued_ms", 0) for d in self._queue.values()), default=None
+            )
+        self._metrics.outbox_depth.labels(sink=self.name).set(max(depth, queued))
         age = 0.0 if oldest is None else max(0.0, (self._clock.now_ms() - oldest) / 1000)
         self._metrics.outbox_oldest_age.labels(sink=self.name).set(age)
 
@@ -171,37 +249,117 @@ class SinkWorker:
             if batch:
                 self._inflight.update(d.seq for d in batch)
                 return batch
+            if self._dirty and not self._reading:
+                return []  # read the outbox first; while another worker reads it, wait for it
             wait = _MAX_WAIT_S if soonest is None else min(_MAX_WAIT_S, (soonest - now) / 1000)
             self._cond.wait(max(0.01, wait))
             return []
 
-    def _loop(self) -> None:
-        last_refresh = self._clock.monotonic()
+    def _forget(self, d: Delivery) -> None:
+        """`d` left the outbox (acknowledged or dead-lettered): drop it from memory, and keep
+        a read of the outbox that is under way from bringing it back."""
+        with self._cond:
+            self._queue.pop(d.seq, None)
+            self._not_before.pop(d.seq, None)
+            if self._settled is not None:
+                self._settled.add(d.seq)
+            if self._more and len(self._queue) < _MAX_LOADED // 2:
+                self._dirty = True  # room again for records that wait in RocksDB
+
+    # -- the worker loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """One worker thread. Returns only on shutdown: whatever one pass raises is counted,
+        logged with its stack, and followed by a pause that doubles up to a few seconds."""
+        pause = _FAILURE_BACKOFF_S[0]
         while True:
             with self._cond:
                 if self._stop:
                     return
-                dirty = self._dirty
-            if dirty or self._clock.monotonic() - last_refresh > _REFRESH_S:
-                self._refresh()
-                last_refresh = self._clock.monotonic()
-            batch = self._claim()
-            if batch:
+            batch: list[Delivery] = []
+            try:
                 try:
-                    self._deliver(batch)
-                finally:
                     with self._cond:
-                        self._inflight.difference_update(d.seq for d in batch)
-                        self._publish()
-                        self._cond.notify_all()
+                        dirty = self._dirty
+                    if dirty or self._clock.monotonic() - self._last_refresh > _REFRESH_S:
+                        self._refresh()
+                    batch = self._claim()
+                    if batch:
+                        self._deliver(batch)
+                finally:
+                    if batch:
+                        with self._cond:
+                            self._inflight.difference_update(d.seq for d in batch)
+                            self._cond.notify_all()
+                if batch:
+                    self._publish()
+                pause = _FAILURE_BACKOFF_S[0]
+            except Exception:
+                try:
+                    self._failed(batch)
+                except Exception:  # whatever the record holds, the worker lives on
+                    log.exception("sink worker cannot reschedule a failed batch", sink=self.name)
+                with self._cond:
+                    if not self._stop:
+                        self._cond.wait(pause)
+                pause = min(_FAILURE_BACKOFF_S[1], pause * 2)
 
-    def _deliver(self, batch: Sequence[Delivery]) -> None:
-        m = self._metrics
-        started = self._clock.monotonic()
+    def _failed(self, batch: Sequence[Delivery] | None) -> None:
+        """Count and log the exception being handled; `batch` is sent again after a backoff."""
+        self._metrics.component_failures.labels(component=self.component).inc()
+        log.exception(
+            "sink worker failed; going on after a pause",
+            sink=self.name,
+            alert_ids=[d.record.get("alert_id") for d in batch or ()][:10],
+        )
+        if batch:
+            retry = self.config.retry
+            now = self._clock.now_ms()
+            with self._cond:
+                for d in batch:
+                    # Counted in memory only (the store may be what failed): the backoff grows
+                    # as for any retry, so a failure that repeats is not logged every second.
+                    attempts = _int(d.record.get("attempts")) + 1
+                    d.record["attempts"] = attempts
+                    delay = backoff_seconds(
+                        attempts, retry.initial_backoff, retry.max_backoff, self._rng, None
+                    )
+                    self._not_before[d.seq] = now + int(delay * 1000)
+
+    def _request(self, batch: Sequence[Delivery]) -> tuple[HttpRequest | None, list[Delivery]]:
+        """The request for `batch`, leaving out (dead-lettered, counted, logged) each alert the
+        sink cannot format: formatting is deterministic, so trying such an alert again would
+        fail again. Returns (None, []) when no alert of the batch can be formatted."""
         try:
-            result = self._poster.post(self.sink.request(batch))
-        except Exception as exc:  # a sink bug must not kill the worker: classify as permanent
-            result = SendResult("permanent", f"cannot build request: {exc}")
+            return self.sink.request(batch), list(batch)
+        except Exception:
+            self._metrics.component_failures.labels(component=self.component).inc()
+            log.exception("sink cannot format a batch", sink=self.name, alerts=len(batch))
+        good: list[Delivery] = []
+        for d in batch:
+            try:
+                self.sink.request([d])
+            except Exception as exc:
+                reason = f"cannot build request: {type(exc).__name__}: {exc}"
+                self._alerts.dead_letter(d, reason)
+                self._forget(d)
+                with self._cond:
+                    self._deadletters_changed = True
+                m = self._metrics
+                m.deliveries.labels(sink=self.name, outcome="failed").inc()
+                m.deliveries.labels(sink=self.name, outcome="dead_lettered").inc()
+                log.error("alert dead-lettered", sink=self.name, alert_id=d.alert_id, reason=reason)
+            else:
+                good.append(d)
+        return (self.sink.request(good), good) if good else (None, [])
+
+    def _deliver(self, claimed: Sequence[Delivery]) -> None:
+        m = self._metrics
+        request, batch = self._request(claimed)
+        if request is None:
+            return
+        started = self._clock.monotonic()
+        result = self._poster.post(request)
         m.delivery_seconds.labels(sink=self.name).observe(self._clock.monotonic() - started)
         try:
             if result.outcome == "ok":
@@ -223,6 +381,8 @@ class SinkWorker:
                 for d in batch:
                     self._alerts.dead_letter(d, result.detail)
                     self._forget(d)
+                with self._cond:
+                    self._deadletters_changed = True
                 m.deliveries.labels(sink=self.name, outcome="failed").inc(len(batch))
                 m.deliveries.labels(sink=self.name, outcome="dead_lettered").inc(len(batch))
                 log.error(
@@ -250,6 +410,8 @@ class SinkWorker:
                 )
                 self._alerts.dead_letter(d, reason)
                 self._forget(d)
+                with self._cond:
+                    self._deadletters_changed = True
                 m.deliveries.labels(sink=self.name, outcome="dead_lettered").inc()
                 log.error(
                     "delivery exceeded max_age; dead-lettered",
@@ -274,12 +436,6 @@ class SinkWorker:
                 detail=result.detail,
             )
 
-    def _forget(self, d: Delivery) -> None:
-        with self._cond:
-            if self._queue.pop(d.seq, None) is not None:
-                self._depth = max(0, self._depth - 1)
-            self._not_before.pop(d.seq, None)
-
 
 class Dispatcher:
     """One SinkWorker per configured sink. Raises ValueError at construction for a bad sink."""
@@ -301,5 +457,10 @@ class Dispatcher:
         return [w.status() for w in self.workers]
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every sink's workers within about `timeout` in total (they stop in parallel:
+        a request in flight ends on its own timeout at worst)."""
         for w in self.workers:
-            w.shutdown(timeout / max(1, len(self.workers)))
+            w.shutdown(0)  # asks every worker to stop before waiting for any
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            w.shutdown(max(0.0, deadline - time.monotonic()))
