@@ -259,3 +259,36 @@ def test_stream_alerts_never_hold_up_an_acknowledgement(db: Database) -> None:
     finally:
         writer.shutdown(5)
         supervisor.stop(5)
+
+
+def test_the_writer_runs_the_keyspace_sweep(db: Database) -> None:
+    """The supervised writer runs the keyspace sweep on its own thread once the expiry
+    interval has passed: an expired suppression record is removed and counted."""
+    from pathwatch.store.db import Batch
+    from pathwatch.store.sweep import KeyspaceSweeper, SweepPolicy
+
+    metrics = Metrics()
+    clock = FakeClock(START + 40 * 86_400_000)
+    store = FirstSeenStore(db)
+    retention = {PARITY_RULE.id: retention_of(PARITY_RULE, 256)}
+    stale = ks.suppression_key(PARITY_RULE.id, encode_key(("node-1", "/tmp/x")))
+    b = Batch()
+    b.put(stale, ks.u64(START))  # 40 days old; suppress_for is 6 h
+    db.commit(b)
+    sweeper = KeyspaceSweeper(store, db, SweepPolicy(suppress_for_ms={PARITY_RULE.id: 6 * HOUR_MS}))
+    writer = IngestWriter(store, lambda: retention, clock, metrics, sweeper=sweeper)
+    supervisor = Supervisor(metrics)
+    supervisor.spawn("writer", writer.run)
+    try:
+        for _ in range(100):
+            clock.advance(120)  # past the first sweep's delay, seen within the loop's 1 s wait
+            if db.get(stale) is None:
+                break
+            threading.Event().wait(0.1)
+        assert db.get(stale) is None
+        assert metrics.registry.get_sample_value(
+            "pathwatch_keyspace_entries_swept_total", {"keyspace": "S"}
+        )
+    finally:
+        writer.shutdown(5)
+        supervisor.stop(5)

@@ -40,6 +40,7 @@ from pathwatch.store import (
 from pathwatch.store.durable import DurableResources
 from pathwatch.store.firstseen import StreamHit
 from pathwatch.store.guard import LimitHit, NewKeyGuard
+from pathwatch.store.sweep import KeyspaceSweeper, SweepPolicy
 from pathwatch.store.writer import TickWatermarks
 from pathwatch.supervision import Supervisor
 from pathwatch.telemetry.metrics import Metrics
@@ -240,6 +241,18 @@ class Service:
             ),
             durable=self.durable,
             watermarks=watermarks,
+            sweeper=KeyspaceSweeper(
+                self.firstseen,
+                self.db,
+                SweepPolicy(
+                    suppress_for_ms={
+                        r.id: r.suppress_for_minutes * MINUTE_MS for r in self.enabled_rules
+                    },
+                    alert_retention_ms=int(cfg.scheduler.alert_retention * 1000),
+                    deadletter_retention_ms=int(cfg.scheduler.alert_retention * 1000),
+                    sinks=[s.name for s in cfg.sinks],
+                ),
+            ),
         )
         # A writer or scheduler that cannot come back needs a new process (/healthz fails).
         self.supervisor.spawn("writer", self.writer.run, restart_cures=False)

@@ -130,8 +130,9 @@ class SchedulerConfig:
     # Ticks missed while pathwatch was down are run on restart, newest first up to this many
     # per rule; older ones are skipped and counted.
     catch_up_max_ticks: int = 24
-    # Alerts and tick records older than this are removed from the alert log (deliveries still
-    # pending and dead letters are kept until delivered or redriven).
+    # Alerts and tick records older than this are removed from the alert log; deliveries still
+    # pending stay until delivered, dead letters are removed once enqueued longer ago than this
+    # (redrive them before), and so are the outboxes of sinks no longer configured.
     alert_retention: Duration = Duration(30 * 86400.0)
 
 

@@ -20,6 +20,7 @@ from pathwatch.store.db import StoreError
 from pathwatch.store.durable import DurableResources
 from pathwatch.store.firstseen import FirstSeenStore, Retention, StreamHit
 from pathwatch.store.guard import LimitHit
+from pathwatch.store.sweep import KeyspaceSweeper
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="store")
@@ -100,7 +101,9 @@ class IngestWriter:
         on_stream: Callable[[tuple[StreamHit, ...]], object] = lambda hits: None,
         durable: DurableResources | None = None,
         watermarks: TickWatermarks | None = None,
+        sweeper: KeyspaceSweeper | None = None,
     ) -> None:
+        self._sweeper = sweeper
         self._durable = durable
         self.watermarks = watermarks or TickWatermarks()
         self._on_limit = on_limit
@@ -289,24 +292,34 @@ class IngestWriter:
             ticket._finish(error)
 
     def _expire(self) -> None:
+        """The hourly sweep, on the writer thread (it rewrites what `apply` writes): with a
+        KeyspaceSweeper every keyspace past its owner's retention, else each rule's keys."""
         self._next_expiry = self._clock.monotonic() + self._config.expiry_interval_s
         now = self._clock.now_ms()
-        for rule, retention in self._retention().items():
-            try:
-                deleted = self._store.expire(rule, retention, now)
-            except StoreError as exc:
-                log.error("expiry failed", rule=rule, error=str(exc))
-                return
-            except Exception:
-                # A bug in the sweep must not stop ingest: counted, retried next interval.
-                self._metrics.component_failures.labels(component="expiry").inc()
-                log.exception("expiry failed", rule=rule)
-                return
-            self._metrics.store_keys_expired.labels(rule=rule).inc(deleted)
-            if deleted:
-                if self._durable is not None:
-                    self._durable.clear()  # entries may name deleted keys
-                log.info("expired keys", rule=rule, keys=deleted)
+        try:
+            if self._sweeper is not None:
+                counts = self._sweeper.sweep(self._retention(), now)
+            else:
+                counts = {"R": sum(self._store.expire(r, ret, now)
+                                   for r, ret in self._retention().items())}  # fmt: skip
+        except StoreError as exc:
+            log.error("expiry failed; retried at the next interval", error=str(exc))
+            return
+        except Exception:
+            # A bug in the sweep must not stop ingest: counted, retried next interval.
+            self._metrics.component_failures.labels(component="expiry").inc()
+            log.exception("expiry failed; retried at the next interval")
+            return
+        for tag, n in counts.items():
+            if n:
+                self._metrics.keyspace_swept.labels(keyspace=tag).inc(n)
+        if counts.get("R"):
+            self._metrics.store_keys_expired.labels(rule="*").inc(counts["R"])
+            if self._durable is not None:
+                self._durable.clear()  # entries may name deleted keys
+            log.info("expired keys", keys=counts["R"])
+        if any(counts.values()):
+            log.info("swept", **{tag: n for tag, n in counts.items() if n})
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop. Safe before start and twice."""

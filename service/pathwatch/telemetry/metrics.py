@@ -114,7 +114,8 @@ class Metrics:
         )
         self.store_keys_expired = self._counter(
             "pathwatch_store_keys_expired_total",
-            "Keys removed after their retention horizon.",
+            'Keys removed after their retention horizon (rule "*": counted by the keyspace '
+            "sweep over all rules).",
             ("rule",),
         )
         self.store_write_seconds = Histogram(
