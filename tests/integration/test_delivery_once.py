@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,248 @@ def test_outbox_depth_is_exact_after_kill_9(tmp_path: Path) -> None:
             assert depth_without_scanning(db, alerts, "soc") == 25
     finally:
         db.close()
+
+
+# -- connections kept alive -------------------------------------------------------------------
+
+
+class CountingServer:
+    """An HTTP/1.1 keep-alive receiver that counts the TCP connections it accepts and the
+    webhook-ids it answered. With `answers_per_connection`, a connection is closed, without
+    a word, after that many answers (`drop_next` False) or when the next request arrives on
+    it, which is left unanswered (`drop_next` True): a server that timed it out just then."""
+
+    def __init__(self, answers_per_connection: int = 0, drop_next: bool = False) -> None:
+        self.connections = 0
+        self.answered: list[str] = []
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            served = 0
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if drop_next and self.served == answers_per_connection:
+                    self.close_connection = True
+                    return
+                self.served += 1
+                with outer._lock:
+                    outer.answered.append(self.headers.get("webhook-id", ""))
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                if not drop_next and self.served == answers_per_connection:
+                    self.close_connection = True
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                with outer._lock:
+                    outer.connections += 1
+                super().process_request(request, client_address)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def counting() -> Iterator[CountingServer]:
+    s = CountingServer()
+    yield s
+    s.close()
+
+
+def deliver_all(
+    db: Database, config: SinkConfig, ids: range, metrics: Metrics | None = None
+) -> Dispatcher:
+    """Enqueue `ids` for the sink, start a dispatcher and wait until its outbox is empty.
+    The caller shuts the dispatcher down."""
+    alerts = AlertStore(db)
+    dispatcher = Dispatcher([config], alerts, SystemClock(), metrics or Metrics())
+    enqueue(alerts, [config.name], ids)
+    dispatcher.start()
+    try:
+        wait_until(lambda: alerts.depth(config.name) == 0, timeout=60)
+    except BaseException:
+        dispatcher.shutdown(5)
+        raise
+    return dispatcher
+
+
+def test_deliveries_reuse_kept_alive_connections(db: Database, counting: CountingServer) -> None:
+    """300 webhook deliveries by 4 workers to an HTTP/1.1 server use at most 4 TCP
+    connections, one per worker, instead of one per request."""
+    deliver_all(db, webhook(counting.url, max_concurrency=4), range(300)).shutdown(5)
+    assert len(set(counting.answered)) == 300
+    assert 1 <= counting.connections <= 4
+
+
+def test_connection_closed_by_the_server_is_replaced_without_a_failed_attempt(
+    db: Database,
+) -> None:
+    """A server that closes each connection after two answers without saying so, or that
+    drops a connection when a third request arrives on it, gets every alert once over half as
+    many connections as alerts, and no attempt is counted as failed or retried."""
+    for server in (
+        CountingServer(answers_per_connection=2),
+        CountingServer(answers_per_connection=2, drop_next=True),
+    ):
+        try:
+            metrics = Metrics()
+            config = webhook(server.url, max_concurrency=1)
+            deliver_all(db, config, range(20), metrics).shutdown(5)
+            assert sorted(server.answered) == [f"alert-{i:05d}" for i in range(20)]
+            for outcome in ("retried", "failed"):
+                counter = metrics.deliveries.labels(sink="soc", outcome=outcome)
+                assert counter._value.get() == 0, outcome
+            assert server.connections == 10
+        finally:
+            server.close()
+
+
+def test_kept_alive_connection_times_out_like_a_new_one(db: Database) -> None:
+    """A reused connection on which the answer does not come within the sink's timeout is
+    counted as a retry and closed; the alert arrives on a new connection."""
+    release = threading.Event()
+    seen: list[tuple[str, int]] = []
+    answered: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.headers["webhook-id"], self.client_address[1]))
+            if len(seen) == 2:  # the second request, on the kept-alive connection: stall
+                release.wait(10)
+                self.close_connection = True
+                return
+            answered.append(self.headers["webhook-id"])
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    metrics = Metrics()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        config = webhook(url, max_concurrency=1, timeout=Duration(0.3))
+        deliver_all(db, config, range(3), metrics).shutdown(5)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert sorted(set(answered)) == ["alert-00000", "alert-00001", "alert-00002"]
+    assert metrics.deliveries.labels(sink="soc", outcome="retried")._value.get() == 1
+    ports = [port for _, port in seen]
+    assert ports[1] == ports[0], "the second request did not reuse the first connection"
+    assert ports[2] != ports[1], "the timed-out connection was used again"
+
+
+def test_proxy_from_the_environment_is_used_with_kept_alive_connections(
+    db: Database, counting: CountingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With http_proxy set, plain-HTTP deliveries go through the proxy in absolute form (as
+    urllib sent them), over a few kept-alive connections to the proxy."""
+    monkeypatch.setenv("http_proxy", counting.url.rsplit("/", 1)[0])
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    deliver_all(db, webhook("http://sink.invalid/hook", max_concurrency=2), range(20)).shutdown(5)
+    assert len(counting.answered) == 20
+    assert 1 <= counting.connections <= 2
+
+
+class TlsCountingServer:
+    """An HTTPS HTTP/1.1 receiver that requires a client certificate signed by `ca` (unless
+    `client_ca` is None) and counts connections and the client names it saw."""
+
+    def __init__(self, ca: Any, client_ca: Any | None) -> None:
+        import ssl
+
+        self.connections = 0
+        self.clients: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                peer = self.connection.getpeercert()  # type: ignore[attr-defined]
+                subject = dict(x[0] for x in peer["subject"]) if peer else {}
+                outer.clients.append(str(subject.get("commonName", "")))
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                outer.connections += 1
+                super().process_request(request, client_address)
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(ctx)
+        if client_ca is not None:
+            client_ca.configure_trust(ctx)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self._server.server_address[1]}/hook"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_tls_connections_are_kept_alive_with_mtls_and_without_verification(
+    db: Database, tmp_path: Path
+) -> None:
+    """Over HTTPS with a private CA and a client certificate, and with insecure_skip_verify
+    against a certificate nobody trusts, 20 deliveries by 2 workers use at most 2 TLS
+    connections, and the mTLS receiver sees pathwatch's certificate on every request."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca_file, cert_file, key_file = (tmp_path / n for n in ("ca.pem", "client.pem", "client.key"))
+    ca.cert_pem.write_to_path(str(ca_file))
+    client = ca.issue_cert("pathwatch-client", common_name="pathwatch-client")
+    client.cert_chain_pems[0].write_to_path(str(cert_file))
+    client.private_key_pem.write_to_path(str(key_file))
+    mtls = TlsCountingServer(ca, client_ca=ca)
+    untrusted = TlsCountingServer(trustme.CA(), client_ca=None)
+    try:
+        tls = {"ca_file": str(ca_file), "cert_file": str(cert_file), "key_file": str(key_file)}
+        deliver_all(db, webhook(mtls.url, max_concurrency=2, **tls), range(20)).shutdown(5)
+        assert mtls.clients == ["pathwatch-client"] * 20
+        assert 1 <= mtls.connections <= 2
+        config = webhook(untrusted.url, name="lab", max_concurrency=2, insecure_skip_verify=True)
+        deliver_all(db, config, range(20)).shutdown(5)
+        assert len(untrusted.clients) == 20
+        assert 1 <= untrusted.connections <= 2
+    finally:
+        mtls.close()
+        untrusted.close()
 
 
 # -- workers that survive ---------------------------------------------------------------------

@@ -84,7 +84,7 @@ class SinkWorker:
     ) -> None:
         self.sink = sink
         self.config: SinkConfig = sink.config
-        self._poster = HttpPoster(self.config, clock)
+        self._poster = HttpPoster(self.config, clock, max_idle=self.config.max_concurrency)
         self._alerts = alerts
         self._clock = clock
         self._metrics = metrics
@@ -149,6 +149,7 @@ class SinkWorker:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self._poster.close()
         if self._threads and not any(t.is_alive() for t in self._threads):
             self._metrics.component_up.labels(component=self.component).set(0)
 
