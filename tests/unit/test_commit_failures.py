@@ -65,3 +65,32 @@ def test_outbox_sequence_numbers_are_not_reused_after_a_commit_that_failed_but_a
         assert ids == ["a1", "a2"]  # the second did not overwrite the first
     finally:
         db.close()
+
+
+class CommitFailsOnce(Database):
+    """Refuses the next commit without applying it (a write error before the WAL)."""
+
+    fail_next = False
+
+    def commit(self, batch: Batch) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise StoreError("RocksDB write failed: IO error: No space left (simulated)")
+        super().commit(batch)
+
+
+def test_context_entries_of_a_refused_commit_are_written_by_the_retry(tmp_path: Path) -> None:
+    """A commit that wrote nothing must not leave the context index believing its entries
+    exist: the retry of the same observation writes them ("seen on N nodes" stays exact)."""
+    db = CommitFailsOnce(str(tmp_path), DatabaseOptions(fsync=False))
+    try:
+        store = FirstSeenStore(db)
+        store.set_context_fields(RULE.id, RULE.key_fields)
+        db.fail_next = True
+        batch = {(RULE.id, KEYS[0]): _sighting(NOW - 60_000)}
+        with pytest.raises(StoreError):
+            store.apply(batch, RETENTION, NOW)
+        store.apply(batch, RETENTION, NOW)
+        assert any(True for _ in db.scan_prefix(b"P"))
+    finally:
+        db.close()

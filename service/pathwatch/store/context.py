@@ -160,6 +160,12 @@ class ContextIndex:
             self._known.clear()
         self._known.update(candidates)
 
+    def forget(self) -> None:
+        """Drop what memory believes is written: after a commit that failed, entries noted
+        for it must be written again by the next one."""
+        self._known.clear()
+        self._counted = None
+
     def _counting(self, wb: Batch) -> bool:
         """Whether writes keep counts: yes once counted, or from the start on an empty index."""
         if self.counted:

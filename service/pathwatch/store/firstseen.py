@@ -333,8 +333,10 @@ class FirstSeenStore:
             self._db.commit(wb)
         except StoreError:
             # A commit that failed in its WAL sync may still have applied: read the key
-            # counts again from the store rather than trust the ones kept here.
+            # counts again from the store rather than trust the ones kept here; and what the
+            # context index noted for it may not be there.
             self._counts.clear()
+            self.context.forget()
             raise
         self._counts.update(counts)
         for rule_key, rkey, state in staged:
