@@ -355,6 +355,18 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) ->
         time.sleep(interval)
 
 
+def wait_drained(svc: ServiceProcess, timeout: float = 20.0) -> None:
+    """A positive barrier for "nothing more is delivered": every sink's outbox is empty, so
+    every alert recorded so far has been acknowledged by its sink (or dead-lettered)."""
+
+    def drained() -> bool:
+        status, body = svc.api("GET", "/api/v1/sinks")
+        assert status == 200, body
+        return all(s["outbox_depth"] == 0 for s in body["sinks"])
+
+    wait_until(drained, timeout=timeout, interval=0.1)
+
+
 def pairs(it: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
     items = list(it)
     return zip(items[::2], items[1::2], strict=True)

@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 
 from tests.integration.test_delivery import metric
-from tests.support import HttpSink, Proc, ServiceProcess, export, minute_floor, process_request
+from tests.support import (
+    HttpSink,
+    Proc,
+    ServiceProcess,
+    export,
+    minute_floor,
+    process_request,
+    wait_drained,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +55,7 @@ def test_stream_mode_alerts_within_seconds_and_once(
     assert alert["fields"]["process.executable.path"] == "/tmp/.x/miner"
     export(svc.grpc_port, process_request([Proc(7, "/tmp/.x/miner")], t - 20_000))
     assert svc.evaluate(t)["alerts"] == []  # same occurrence: deduplicated by id
-    time.sleep(0.5)
+    wait_drained(svc)
     assert len(sink.received) == 1
     assert metric(svc, "pathwatch_alerts_gated_total", rule=PARITY, reason="duplicate") == 1
 

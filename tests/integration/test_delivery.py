@@ -20,6 +20,7 @@ from tests.support import (
     export,
     minute_floor,
     process_request,
+    wait_drained,
     wait_until,
 )
 
@@ -209,7 +210,7 @@ def test_filters_by_score_and_rule(
         produce_alerts(svc)
         (got,) = other.wait_for(1)
         assert got.path == "/all"
-        time.sleep(0.5)
+        wait_drained(svc)
         assert sink.received == [] and len(other.received) == 1
     finally:
         other.close()

@@ -23,6 +23,7 @@ from tests.support import (
     iso,
     minute_floor,
     process_request,
+    wait_drained,
 )
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ def test_new_process_alerts_once_through_webhook(
 
     again = svc.evaluate(t)
     assert again == {"alerts": [alert], "new": False}
-    time.sleep(1.0)
+    wait_drained(svc)
     assert len(sink.received) == 1
 
     status, listed = svc.api("GET", f"/api/v1/alerts?since={iso(t - 60_000)}")

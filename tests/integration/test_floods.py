@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_delivery import metric
-from tests.support import HttpSink, Proc, ServiceProcess, export, minute_floor, process_request
+from tests.support import (
+    HttpSink,
+    Proc,
+    ServiceProcess,
+    export,
+    minute_floor,
+    process_request,
+    wait_drained,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +53,7 @@ def test_new_key_limit_per_host(
     event = got.json()
     assert event["kind"] == "new_key_limit" and event["risk_object"] == "node-bad"
     assert "New-key limit reached on host node-bad" in event["risk_message"]
-    time.sleep(0.5)
+    wait_drained(svc)
     assert len(sink.received) == 1
     assert metric(svc, "pathwatch_keys_refused_total") == 16
     assert metric(svc, "pathwatch_key_limit_hits_total", scope="host") == 1
@@ -80,7 +88,7 @@ def test_alert_flood_is_summarised(
     result = svc.evaluate(t)
     assert len(result["alerts"]) == 11
     got = sink.wait_for(4)
-    time.sleep(0.5)
+    wait_drained(svc)
     assert len(sink.received) == 4
     summary = next(r.json() for r in got if r.json().get("kind") == "alert_flood")
     assert summary["suppressed"] == 7

@@ -129,8 +129,10 @@ def test_unreadable_record_is_quarantined_and_ingest_goes_on(tmp_path: Path) -> 
     svc = ServiceProcess(data).start()
     t = minute_floor(now_ms())
     bad = Proc(7, "/usr/bin/corrupted")
-    export(svc.grpc_port, process_request([bad], t - 3 * HOUR_MS))
-    assert svc.stop() == 0
+    try:
+        export(svc.grpc_port, process_request([bad], t - 3 * HOUR_MS))
+    finally:
+        assert svc.stop() == 0
     key = (bad.host, bad.cluster, bad.host, str(bad.pid), bad.path, bad.exe_name)
     db = Database(str(data))
     record = ks.record_key(RULE, encode_key(key))

@@ -266,6 +266,24 @@ class _Handler(BoundedHandler):
         r = self.service.readiness()
         self._json(200 if r.ready else 503, {"ready": r.ready, "checks": r.checks})
 
+    def _sinks(self, query: dict[str, list[str]]) -> None:
+        svc = self.service
+        assert svc.alerts is not None
+        out = []
+        for status in svc.dispatcher.statuses() if svc.dispatcher is not None else []:
+            dead = sum(1 for _ in svc.alerts.deadletters(status.name, [status.name]))
+            out.append(
+                {
+                    "name": status.name,
+                    "type": status.type,
+                    "disabled": status.disabled,
+                    "outbox_depth": status.depth,
+                    "oldest_age_seconds": round(status.oldest_age_s, 3),
+                    "deadletters": dead,
+                }
+            )
+        self._json(200, {"sinks": out})
+
     def _quarantine(self, query: dict[str, list[str]]) -> None:
         svc = self.service
         assert svc.firstseen is not None
@@ -454,6 +472,7 @@ _ROUTES = {
     ("GET", "/healthz"): _Handler._healthz,
     ("GET", "/readyz"): _Handler._readyz,
     ("GET", "/api/v1/quarantine"): _Handler._quarantine,
+    ("GET", "/api/v1/sinks"): _Handler._sinks,
     ("GET", "/metrics"): _Handler._metrics,
     ("GET", "/api/v1/rules"): _Handler._rules,
     ("GET", "/api/v1/alerts"): _Handler._alerts,
