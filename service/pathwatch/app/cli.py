@@ -104,9 +104,16 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_offline(config: Config):  # type: ignore[no-untyped-def]
+def _open_offline(config: Config, *, create: bool = False):  # type: ignore[no-untyped-def]
+    """A stopped data dir, opened in this process. Only backfills may create one: reading
+    commands (inspect, evaluate, redrive) on a path that holds no data dir say so."""
     from pathwatch.app.service import Service
 
+    if not create and not os.path.isdir(config.data_dir):
+        raise ConfigError(
+            f"data_dir: {config.data_dir!r} does not exist (no pathwatch data there); pass "
+            "--config with the service's configuration or --data-dir"
+        )
     service = Service(config)
     service.open_store()
     return service
@@ -234,9 +241,14 @@ def _open_for_backfill(args: argparse.Namespace) -> tuple[Config, Any]:
     import dataclasses
 
     config = _load(args)
-    limits = dataclasses.replace(config.limits, new_keys_per_host_per_hour=0, new_keys_per_hour=0)
+    limits = dataclasses.replace(
+        config.limits,
+        new_keys_per_host_per_hour=0,
+        new_keys_per_sender_per_hour=0,
+        new_keys_per_hour=0,
+    )
     config = dataclasses.replace(config, limits=limits)
-    return config, _open_offline(config)
+    return config, _open_offline(config, create=True)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -339,11 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pathwatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        # The one-line help doubles as the description of the subcommand's own --help page.
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
         return p
 
-    serve = with_config(sub.add_parser("serve", help="run the service"))
+    serve = with_config(command("serve", help="run the service"))
     serve.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -351,16 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds allowed for a clean shutdown (default 20)",
     )
     serve.set_defaults(func=_cmd_serve)
-    with_config(
-        sub.add_parser("check-config", help="validate the configuration and exit")
-    ).set_defaults(func=_cmd_check_config)
+    with_config(command("check-config", help="validate the configuration and exit")).set_defaults(
+        func=_cmd_check_config
+    )
     ev = with_config(
-        sub.add_parser(
+        command(
             "evaluate",
             help="evaluate a rule on a stopped data dir; prints risk events as JSON lines",
         )
     )
-    ev.add_argument("--rule", default="kubernetes_process_running_from_new_path")
+    ev.add_argument(
+        "--rule", default="kubernetes_process_running_from_new_path", help="the rule's id"
+    )
     ev.add_argument("--at", required=True, help="evaluation time, RFC 3339, a whole minute")
     ev.add_argument("--data-dir", help="override data_dir")
     ev.add_argument(
@@ -370,20 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
         "never records a tick nor delivers anything",
     )
     ev.set_defaults(func=_cmd_evaluate)
-    ins = with_config(sub.add_parser("inspect", help="show stored keys (stopped data dir)"))
-    ins.add_argument("--rule", default="kubernetes_process_running_from_new_path")
+    ins = with_config(command("inspect", help="show stored keys (stopped data dir)"))
+    ins.add_argument(
+        "--rule", default="kubernetes_process_running_from_new_path", help="the rule's id"
+    )
     ins.add_argument(
         "--key", action="append", metavar="FIELD=VALUE", help="one key: give every key field once"
     )
     ins.add_argument("--path", help="glob on process.executable.path")
     ins.add_argument("--name", help="glob on process.executable.name")
-    ins.add_argument("--limit", type=int, default=100)
+    ins.add_argument("--limit", type=int, default=100, help="at most this many keys (100)")
     ins.add_argument("--data-dir", help="override data_dir")
     ins.set_defaults(func=_cmd_inspect)
-    sub.add_parser(
-        "demo", help="simulate a small cluster, plant an intrusion, print the alert (~10 s)"
+    command(
+        "demo",
+        help="simulate a small cluster, plant an intrusion, print the alert (about a second)",
     ).set_defaults(func=_cmd_demo)
-    rd = with_config(sub.add_parser("redrive", help="move dead letters back to the outbox"))
+    rd = with_config(command("redrive", help="move dead letters back to the outbox"))
     rd.add_argument("--sink", help="only this sink (default: all)")
     rd.add_argument(
         "--api", metavar="URL", help="a running pathwatch's admin URL, e.g. http://localhost:8080"
@@ -391,19 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--data-dir", help="override data_dir (stopped service)")
     rd.set_defaults(func=_cmd_redrive)
     rp = with_config(
-        sub.add_parser(
+        command(
             "replay",
             help="feed recorded OTLP metrics files (the collector's file exporter: JSON lines "
             "or protobuf, plain or gzip) into a stopped data dir",
         )
     )
-    rp.add_argument("files", nargs="+", metavar="FILE")
+    rp.add_argument("files", nargs="+", metavar="FILE", help="OTLP metrics files to replay")
     rp.add_argument("--data-dir", help="override data_dir")
     rp.set_defaults(func=_cmd_replay)
     bl = with_config(
-        sub.add_parser("baseline", help="export or import first-seen state (stopped data dir)")
+        command("baseline", help="export or import first-seen state (stopped data dir)")
     )
-    bl.add_argument("action", choices=("export", "import"))
+    bl.add_argument(
+        "action", choices=("export", "import"), help="export to FILE or import from FILE"
+    )
     bl.add_argument("file", metavar="FILE", help="the baseline file; - for stdout / stdin")
     bl.add_argument(
         "--rule", action="append", metavar="ID", help="only this rule (repeatable; default: all)"

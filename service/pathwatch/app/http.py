@@ -40,6 +40,19 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as the configuration writes it: 30d, 1h, 1m, 1h30m, 90s, 0s."""
+    rest = round(seconds)
+    if rest != seconds or rest <= 0:
+        return f"{seconds:g}s"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            out += f"{rest // size}{unit}"
+            rest %= size
+    return out
+
+
 def _bool_param(query: dict[str, list[str]], name: str) -> bool:
     values = query.get(name)
     if not values:
@@ -305,11 +318,11 @@ class _Handler(BoundedHandler):
                     "enabled": rule.enabled,
                     "key_fields": list(rule.key_fields),
                     "metrics": list(rule.metrics),
-                    "window": f"{rule.window_minutes}m",
-                    "baseline_length": f"{rule.baseline_minutes}m",
+                    "window": format_duration(rule.window_minutes * 60),
+                    "baseline_length": format_duration(rule.baseline_minutes * 60),
                     "schedule": rule.schedule,
                     "mode": rule.mode,
-                    "suppress_for": f"{rule.suppress_for_minutes}m",
+                    "suppress_for": format_duration(rule.suppress_for_minutes * 60),
                     "baseline": svc.baseline_status(rule) if rule.enabled else None,
                     "no_baseline": rule.no_baseline,
                     # Clusters the last tick found without any history before its window.
@@ -322,6 +335,7 @@ class _Handler(BoundedHandler):
                     "last_error": svc.scheduler.rule_errors.get(rule.id)
                     if svc.scheduler is not None
                     else None,
+                    "delay": format_duration(rule.delay_seconds),
                     "delay_seconds": rule.delay_seconds,
                     "risk_score": rule.risk.score,
                     "exclude": [{"field": e.field, e.kind: e.pattern} for e in rule.exclude],

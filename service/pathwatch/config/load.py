@@ -146,8 +146,11 @@ def env_variables() -> list[str]:
     return sorted(_env_paths(Config))
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> list[str]:
-    """Apply overrides; returns the PATHWATCH_* names that are not settings."""
+def _apply_env(
+    raw: dict[str, Any], env: Mapping[str, str], applied: dict[str, str] | None = None
+) -> list[str]:
+    """Apply overrides; returns the PATHWATCH_* names that are not settings. `applied` gets,
+    per field path (``receiver.grpc.listen``), the variable that set it."""
     paths = _env_paths(Config)
     unknown = []
     for name, text in env.items():
@@ -168,6 +171,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             node[path[-1]] = yaml.safe_load(text) if text.strip() else text
         except yaml.YAMLError:
             node[path[-1]] = text
+        if applied is not None:
+            applied[".".join(path)] = name
     return unknown
 
 
@@ -203,11 +208,26 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    unknown = _apply_env(raw, env or {})
-    config: Config = _build(Config, raw, "")
-    _check_unknown_env(config, unknown)
-    validate(config)
+    from_env: dict[str, str] = {}
+    unknown = _apply_env(raw, env or {}, from_env)
+    try:
+        config: Config = _build(Config, raw, "")
+        _check_unknown_env(config, unknown)
+        validate(config)
+    except ConfigError as exc:
+        raise ConfigError(_with_source(str(exc), from_env, path)) from None
     return config
+
+
+def _with_source(message: str, from_env: Mapping[str, str], path: str | None) -> str:
+    """The message with where the bad value came from: the environment variable that set the
+    field, else the config file (defaults cannot be wrong)."""
+    field_path = message.split(":", 1)[0]
+    if field_path in from_env:
+        return f"{message} (set by environment variable {from_env[field_path]})"
+    if path and not message.startswith((path, "environment variable")):
+        return f"{message} (in {path})"
+    return message
 
 
 def validate(config: Config) -> None:
