@@ -113,8 +113,8 @@ def test_429_retry_after_is_honoured(
 def test_permanent_failure_dead_letters_and_redrive_delivers(
     tmp_path: Path, sink: HttpSink, service_factory: type[ServiceProcess]
 ) -> None:
-    """A 400 is not retried: the alert becomes a dead letter, is listed by the API, and is
-    delivered after a redrive."""
+    """A 400 is not retried: the alert becomes a dead letter, listed by the API with the
+    attempt that failed and the sink's answer, and is delivered after a redrive."""
     sink.script = [400]
     svc = service_factory(tmp_path / "data", {"sinks": [webhook(sink)]}).start()
     (alert,) = produce_alerts(svc)
@@ -124,6 +124,7 @@ def test_permanent_failure_dead_letters_and_redrive_delivers(
     )
     (dead,) = body["deadletters"]
     assert dead["alert_id"] == alert["id"] and "HTTP 400" in dead["reason"]
+    assert dead["attempts"] == 1  # the one attempt that failed, not 0
     assert metric(svc, "pathwatch_deliveries_total", sink="soc", outcome="dead_lettered") == 1
     status, body = svc.api("POST", "/api/v1/deadletters/redrive?sink=soc")
     assert (status, body) == (200, {"redriven": 1})

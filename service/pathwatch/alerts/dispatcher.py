@@ -380,6 +380,8 @@ class SinkWorker:
                 )
             elif result.outcome == "permanent":
                 for d in batch:
+                    # The attempt that failed counts: a dead letter shows how many were made.
+                    d.record["attempts"] = _int(d.record.get("attempts")) + 1
                     self._alerts.dead_letter(d, result.detail)
                     self._forget(d)
                 with self._cond:
