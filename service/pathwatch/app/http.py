@@ -451,6 +451,25 @@ class _Handler(BoundedHandler):
         log.info("dead letters redriven", sink=sink or "all", count=moved)
         self._json(200, {"redriven": moved})
 
+    def _console(self, query: dict[str, list[str]]) -> None:
+        """The alert console (HTML, rendered by app/console.py, which also checks access)."""
+        import ssl
+
+        from pathwatch.app.console import handle
+
+        page = handle(
+            self.service,
+            self.token,
+            urlsplit(self.path).path,
+            query,
+            self.headers.get("Authorization"),
+            self.headers.get("Cookie"),
+            secure=isinstance(self.connection, ssl.SSLSocket),
+        )
+        if page.redact is not None:  # ?token= was in the request line: keep it out of logs
+            self.requestline = page.redact(self.requestline)
+        self._send(page.status, page.body, page.content_type, page.headers)
+
 
 class _BusyHandler(_Handler):
     """Runs on a spare thread when every slot is taken: answers 503 and closes."""
@@ -493,6 +512,8 @@ _ROUTES = {
     ("GET", "/api/v1/keys"): _Handler._keys,
     ("GET", "/api/v1/deadletters"): _Handler._deadletters,
     ("POST", "/api/v1/deadletters/redrive"): _Handler._redrive,
+    ("GET", "/console"): _Handler._console,
+    ("GET", "/console/key"): _Handler._console,
 }
 
 __all__ = ["AdminHttpServer", "ApiError", "HTTPStatus"]
