@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test demo lint typecheck unit bench clean docs proto
+.PHONY: run test demo lint typecheck unit bench soak clean docs proto
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pathwatch needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/pathwatch demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests $(wildcard bench)
-	$(BIN)/ruff format --check service tests $(wildcard bench)
+	$(BIN)/ruff check service tests $(wildcard bench) $(wildcard soak)
+	$(BIN)/ruff format --check service tests $(wildcard bench) $(wildcard soak)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -35,6 +35,11 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The soak and crash harness (not part of `make test`): 10 minutes by default;
+# e.g. `make soak SOAK_ARGS="--duration 60 --seed 42"`; `python -m soak --help` lists the rest.
+soak: $(STAMP)
+	$(BIN)/python -m soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
