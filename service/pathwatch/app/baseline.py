@@ -33,6 +33,7 @@ import gzip
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from pathwatch.clock import MINUTE_MS
@@ -44,6 +45,7 @@ from pathwatch.store.codec import (
     encode_key,
     encode_state,
 )
+from pathwatch.store.context import SEP_BYTES as CONTEXT_SEP
 from pathwatch.store.db import Batch, Database
 from pathwatch.store.firstseen import MINUTES_PER_DAY, MINUTES_PER_HOUR, Retention, index_writes
 from pathwatch.store.presence import PresenceHistory, Run
@@ -65,25 +67,67 @@ def _record(kind: int, body: bytes) -> bytes:
     return _LEN.pack(1 + len(body)) + bytes([kind]) + body
 
 
-def export_baseline(db: Database, out: BinaryIO, rules: list[str]) -> int:
-    """Write the key records of `rules` (every rule in the store when empty) and every
-    first-seen row to `out` (left open). Returns the number of key records written."""
+@dataclass(frozen=True)
+class ClusterScope:
+    """Export one cluster only (moving it between shards): `positions` gives, per rule id,
+    where k8s.cluster.name and host.name sit in its keys (host None when absent). Keys of
+    rules without the cluster field, rows of other clusters and of hosts the cluster's keys
+    never name, are left out."""
+
+    cluster: str
+    positions: Mapping[str, tuple[int, int | None]]
+
+
+def export_baseline(
+    db: Database, out: BinaryIO, rules: list[str], scope: ClusterScope | None = None
+) -> int:
+    """Write the key records of `rules` (every rule in the store when empty) and the
+    first-seen rows to `out` (left open); with `scope`, only what belongs to that cluster.
+    Returns the number of key records written."""
     keys = rows = 0
+    hosts: set[str] = set()
     with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
         gz.write(HEADER)
         prefixes = [ks.record_prefix(r) for r in rules] if rules else [b"R"]
         for prefix in prefixes:
             for raw, value in db.scan_prefix(prefix):
                 rule, _, encoded = raw[1:].partition(b"\x00")
+                if scope is not None:
+                    where = scope.positions.get(rule.decode())
+                    if where is None:
+                        continue
+                    key = decode_key(encoded)
+                    if key[where[0]] != scope.cluster:
+                        continue
+                    if where[1] is not None:
+                        hosts.add(key[where[1]])
                 body = _U16.pack(len(rule)) + rule + _LEN.pack(len(encoded)) + encoded + value
                 gz.write(_record(KIND_KEY, body))
                 keys += 1
-        for tag in ROW_TAGS:
-            for raw, value in db.scan_prefix(tag):
-                gz.write(_record(KIND_ROW, _U16.pack(len(raw)) + raw + value[:8]))
-                rows += 1
+        for raw, value in _rows(db, scope, hosts):
+            gz.write(_record(KIND_ROW, _U16.pack(len(raw)) + raw + value[:8]))
+            rows += 1
         gz.write(_LEN.pack(_END.size) + _END.pack(KIND_END, keys, rows))
     return keys
+
+
+def _rows(
+    db: Database, scope: ClusterScope | None, hosts: set[str]
+) -> Iterator[tuple[bytes, bytes]]:
+    if scope is None:
+        for tag in ROW_TAGS:
+            yield from db.scan_prefix(tag)
+        return
+    cluster_row = ks.entity_key("c", scope.cluster)
+    if (value := db.get(cluster_row)) is not None:
+        yield cluster_row, value
+    for host in sorted(hosts):
+        host_row = ks.entity_key("h", host)
+        if (value := db.get(host_row)) is not None:
+            yield host_row, value
+    own = scope.cluster.encode("utf-8", "surrogatepass") + CONTEXT_SEP
+    for tag in (b"P", b"N"):
+        yield from db.scan_prefix(tag + own)
 
 
 def union_runs(*histories: tuple[Run, ...]) -> tuple[Run, ...]:

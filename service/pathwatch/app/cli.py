@@ -198,22 +198,42 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+API_TOKEN_ENV = "PATHWATCH_API_TOKEN"  # the admin API's bearer token, for --api
+
+
+def _api(
+    url: str, method: str = "GET", body: Any = None, timeout: float = 600.0
+) -> tuple[int, Any]:
+    """Call a running pathwatch's admin API (with the bearer token from $PATHWATCH_API_TOKEN
+    when set); returns (0, response) or (exit code, None) after printing why."""
+    request = urllib.request.Request(url, data=body, method=method)
+    token = os.environ.get(API_TOKEN_ENV, "").strip()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        request.add_header("Content-Type", "application/octet-stream")
+        size = len(body) if isinstance(body, bytes) else os.fstat(body.fileno()).st_size
+        request.add_header("Content-Length", str(size))  # the API takes no chunked bodies
+    try:
+        return 0, urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        hint = f" (set {API_TOKEN_ENV})" if exc.code == 401 else ""
+        print(f"pathwatch: {exc.code}: {exc.read().decode().strip()}{hint}", file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"pathwatch: cannot reach {url}: {exc.reason}", file=sys.stderr)
+    return EXIT_RUNTIME, None
+
+
 def _cmd_redrive(args: argparse.Namespace) -> int:
     if args.api:
         url = args.api.rstrip("/") + "/api/v1/deadletters/redrive"
         if args.sink:
             url += f"?sink={args.sink}"
-        try:
-            with urllib.request.urlopen(
-                urllib.request.Request(url, method="POST"), timeout=30
-            ) as r:
-                print(r.read().decode().strip())
-        except urllib.error.HTTPError as exc:
-            print(f"pathwatch: {exc.code}: {exc.read().decode().strip()}", file=sys.stderr)
-            return EXIT_RUNTIME
-        except urllib.error.URLError as exc:
-            print(f"pathwatch: cannot reach {url}: {exc.reason}", file=sys.stderr)
-            return EXIT_RUNTIME
+        code, response = _api(url, "POST", timeout=30)
+        if code:
+            return code
+        with response:
+            print(response.read().decode().strip())
         return 0
     config = _load(args)
     names = [s.name for s in config.sinks]
@@ -284,9 +304,55 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_RUNTIME if stats.bad_requests and not stats.requests else 0
 
 
+def _baseline_over_api(args: argparse.Namespace) -> int:
+    """`baseline export|import --api URL`: against a running pathwatch (moving a cluster
+    between shards: export from the old one with --cluster, import into the new one)."""
+    from urllib.parse import urlencode
+
+    base = args.api.rstrip("/") + "/api/v1/baseline"
+    if args.action == "export":
+        query = [("cluster", args.cluster)] if args.cluster else []
+        query += [("rule", r) for r in args.rule or []]
+        code, response = _api(base + ("?" + urlencode(query) if query else ""))
+        if code:
+            return code
+        with response:
+            keys = response.headers.get("X-Pathwatch-Keys", "?")
+            if args.file == "-":
+                sys.stdout.buffer.write(response.read())
+            else:
+                partial = args.file + ".partial"
+                with open(partial, "wb") as out:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(partial, args.file)
+        print(f"{keys} key(s) exported", file=sys.stderr)
+        return 0
+    data = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    try:
+        code, response = _api(base, "POST", data)
+    finally:
+        if not isinstance(data, bytes):
+            data.close()
+    if code:
+        return code
+    with response:
+        merged = json.loads(response.read())["imported"]
+    print(f"{merged} key(s) merged from {args.file} into {args.api}", file=sys.stderr)
+    return 0
+
+
 def _cmd_baseline(args: argparse.Namespace) -> int:
     from pathwatch.app.baseline import export_baseline, import_baseline
     from pathwatch.app.service import retention_of
+
+    if args.api:
+        return _baseline_over_api(args)
+    if args.cluster:
+        print("pathwatch: --cluster needs --api (a running pathwatch)", file=sys.stderr)
+        return EXIT_CONFIG
 
     config, service = _open_for_backfill(args)
     try:
@@ -432,6 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--rule", action="append", metavar="ID", help="only this rule (repeatable; default: all)"
     )
     bl.add_argument("--data-dir", help="override data_dir")
+    bl.add_argument(
+        "--api",
+        metavar="URL",
+        help="a running pathwatch's admin URL instead of a stopped data dir (token from "
+        f"${API_TOKEN_ENV})",
+    )
+    bl.add_argument(
+        "--cluster", metavar="NAME", help="export only this cluster's state (with --api)"
+    )
     bl.set_defaults(func=_cmd_baseline)
     return parser
 

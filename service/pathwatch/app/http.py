@@ -151,9 +151,12 @@ class AdminHttpServer:
 
 _IDLE_TIMEOUT_S = 5.0  # an answered keep-alive connection waits this long for the next request
 _MAX_BODY = 1 << 20  # no endpoint reads a body; one this large is drained, past it refused
+_MAX_UPLOAD = 4 << 30  # POST /api/v1/baseline: a baseline file, spooled to disk
+_UPLOAD = ("POST", "/api/v1/baseline")
 
 
 class _Handler(BoundedHandler):
+    upload_length = 0  # POST /api/v1/baseline: body bytes its handler reads
     service: Service
     token: BearerToken | None
     protect_probes: bool
@@ -193,9 +196,9 @@ class _Handler(BoundedHandler):
             headers=(("Retry-After", "1"),),
         )
 
-    def _body_length(self) -> int:
+    def _body_length(self, limit: int = _MAX_BODY) -> int:
         """The declared body length; ApiError 400 when it is not a non-negative integer, 413
-        past _MAX_BODY (both close the connection: the body's end is unknown or unread)."""
+        past `limit` (both close the connection: the body's end is unknown or unread)."""
         raw = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
@@ -207,21 +210,27 @@ class _Handler(BoundedHandler):
             self.close_connection = True
             raise ApiError(400, f"malformed Content-Length {raw[:40]!r}")
         length = int(text)
-        if length > _MAX_BODY:
+        if length > limit:
             self.close_connection = True
-            raise ApiError(413, f"request body of {length} bytes exceeds {_MAX_BODY}")
+            raise ApiError(413, f"request body of {length} bytes exceeds {limit}")
         return length
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
+        upload = (method, url.path) == _UPLOAD
         try:
-            length = self._body_length()
-            if length:
+            length = self._body_length(_MAX_UPLOAD if upload else _MAX_BODY)
+            if length and not upload:
                 self.rfile.read(length)  # within http.read_timeout of the first byte
         except ApiError as exc:
             self._json(exc.status, {"error": str(exc)})
             return
+        # An upload is read by its handler, after authentication; unread, the connection
+        # cannot be reused.
+        self.upload_length = length if upload else 0
+        if upload:
+            self.close_connection = True
         try:
             guarded = url.path.startswith("/api/") or self.protect_probes
             if (
@@ -296,6 +305,86 @@ class _Handler(BoundedHandler):
                 }
             )
         self._json(200, {"sinks": out})
+
+    def _baseline_export(self, query: dict[str, list[str]]) -> None:
+        """GET /api/v1/baseline[?cluster=NAME][&rule=ID...]: the baseline file (the format of
+        `pathwatch baseline export`), of one cluster when named: what moves with it."""
+        import tempfile
+
+        from pathwatch.app.baseline import ClusterScope, export_baseline
+        from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD
+
+        svc = self.service
+        assert svc.db is not None
+        rules = query.get("rule", [])
+        unknown = [r for r in rules if r not in {x.id for x in svc.rules}]
+        if unknown:
+            raise ApiError(400, f"unknown rule {unknown[0]!r}")
+        scope = None
+        if query.get("cluster"):
+            positions = {
+                r.id: (
+                    r.key_fields.index(CLUSTER_FIELD),
+                    r.key_fields.index(HOST_FIELD) if HOST_FIELD in r.key_fields else None,
+                )
+                for r in svc.rules
+                if CLUSTER_FIELD in r.key_fields
+            }
+            scope = ClusterScope(query["cluster"][0], positions)
+        with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
+            keys = export_baseline(svc.db, spool, rules, scope)  # type: ignore[arg-type]
+            size = spool.tell()
+            spool.seek(0)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/gzip")
+            self.send_header("Content-Length", str(size))
+            self.send_header("X-Pathwatch-Keys", str(keys))
+            self.end_headers()
+            while chunk := spool.read(1 << 20):
+                self.wfile.write(chunk)
+
+    def _baseline_import(self, query: dict[str, list[str]]) -> None:
+        """POST /api/v1/baseline with a baseline file as the body: merged into the running
+        store on the writer thread, idempotently (importing it again changes nothing)."""
+        import tempfile
+
+        from pathwatch.app.baseline import import_baseline
+        from pathwatch.store.writer import Backpressure
+
+        svc = self.service
+        assert svc.db is not None and svc.writer is not None and svc.firstseen is not None
+        db, store = svc.db, svc.firstseen
+        if not self.upload_length:
+            raise ApiError(400, "send the baseline file as the request body")
+        with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
+            left = self.upload_length
+            while left:
+                chunk = self.rfile.read(min(left, 1 << 20))
+                if not chunk:
+                    raise ApiError(400, "the request body ended early")
+                spool.write(chunk)
+                left -= len(chunk)
+            spool.seek(0)
+
+            def merge() -> int:
+                try:
+                    return import_baseline(
+                        db,
+                        spool,  # type: ignore[arg-type]
+                        svc.retention,
+                        svc.clock.now_ms(),
+                    )
+                finally:
+                    store.forget_cached()  # the merge rewrote records behind the caches
+                    svc.durable.clear()
+
+            try:
+                merged = svc.writer.run_exclusive(merge, timeout=600.0)
+            except ValueError as exc:
+                raise ApiError(400, f"not imported: {exc}") from None
+            except (Backpressure, TimeoutError) as exc:
+                raise ApiError(503, f"not imported now, retry: {exc}") from None
+        self._json(200, {"imported": merged})
 
     def _quarantine(self, query: dict[str, list[str]]) -> None:
         svc = self.service
@@ -505,6 +594,8 @@ _ROUTES = {
     ("GET", "/healthz"): _Handler._healthz,
     ("GET", "/readyz"): _Handler._readyz,
     ("GET", "/api/v1/quarantine"): _Handler._quarantine,
+    ("GET", "/api/v1/baseline"): _Handler._baseline_export,
+    ("POST", "/api/v1/baseline"): _Handler._baseline_import,
     ("GET", "/api/v1/sinks"): _Handler._sinks,
     ("GET", "/metrics"): _Handler._metrics,
     ("GET", "/api/v1/rules"): _Handler._rules,

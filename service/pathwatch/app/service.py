@@ -7,8 +7,10 @@ the dispatcher stops between requests, RocksDB closes last. Every step is bounde
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -63,6 +65,20 @@ def retention_of(rule: Rule, max_runs: int, lateness_ms: int = 0) -> Retention:
         onset_gap_minutes=max(0, rule.baseline_minutes - rule.window_minutes),
         lateness_ms=lateness_ms,
     )
+
+
+def owns_cluster(patterns: list[str]) -> Callable[[str], bool] | None:
+    """The shard's ownership test: a cluster name matching one of `patterns` (names or
+    shell-style globs, case-sensitive); None (owns all) when there are none."""
+    if not patterns:
+        return None
+    exact = frozenset(p for p in patterns if not any(c in p for c in "*?["))
+    globs = [p for p in patterns if p not in exact]
+
+    def owns(cluster: str) -> bool:
+        return cluster in exact or any(fnmatch.fnmatchcase(cluster, g) for g in globs)
+
+    return owns
 
 
 def check_access(config: Config) -> None:
@@ -132,6 +148,11 @@ class Service:
         self.durable = DurableResources(config.receiver.durable_resources)
         self.supervisor = Supervisor(self.metrics)
         self.stream = StreamPublisher(self.metrics)
+
+    @property
+    def retention(self) -> dict[str, Retention]:
+        """How the store keeps each enabled rule's data (live ingest's lateness included)."""
+        return self._retention
 
     def time_bounds(self) -> TimeBounds:
         now = self.clock.now_ms()
@@ -283,7 +304,11 @@ class Service:
             cfg.receiver.max_key_field_bytes,
             cfg.receiver.resource_cache,
             durable=self.durable,
+            owns_cluster=owns_cluster(cfg.shard.clusters),
         )
+        self.metrics.shard_info.labels(
+            shard=cfg.shard.name, clusters=",".join(cfg.shard.clusters)
+        ).set(1)
         cache.labels(cache="resources").set_function(lambda: decoder.cached_resources)
         self.receiver = OtlpGrpcReceiver(
             grpc_cfg,

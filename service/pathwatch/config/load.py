@@ -19,7 +19,7 @@ import yaml
 from pathwatch.config.model import SINK_TYPES, ByteSize, Config, Duration
 
 ENV_PREFIX = "PATHWATCH_"
-ENV_RESERVED = {"PATHWATCH_CONFIG"}
+ENV_RESERVED = {"PATHWATCH_CONFIG", "PATHWATCH_API_TOKEN"}  # read by the CLI, not settings
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -288,6 +288,9 @@ def validate(config: Config) -> None:
     ):
         if getattr(config.limits, name) < 0:
             raise ConfigError(f"limits.{name}: must be 0 (off) or positive")
+    for i, pattern in enumerate(config.shard.clusters):
+        if not pattern.strip():
+            raise ConfigError(f"shard.clusters[{i}]: must not be empty (a name or a glob)")
     if not config.data_dir:
         raise ConfigError("data_dir: must not be empty")
     names: set[str] = set()

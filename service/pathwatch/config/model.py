@@ -152,6 +152,17 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    """One pathwatch of several, each owning whole clusters (k8s.cluster.name). `clusters`
+    holds names or shell-style globs; empty owns every cluster (a single replica). A resource
+    of a cluster the shard does not own is refused through partial_success, never stored.
+    `name` labels the shard's metrics (pathwatch_shard_info) and logs."""
+
+    name: str = ""
+    clusters: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # json, console, or auto (console on a terminal, JSON otherwise)
@@ -250,5 +261,6 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     rules: list[RuleConfig] = field(default_factory=list)
     sinks: list[SinkConfig] = field(default_factory=list)

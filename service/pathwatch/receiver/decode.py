@@ -69,8 +69,17 @@ UNSUPPORTED_TYPE: Final = "unsupported_type"  # a key field that is an array, kv
 TOO_LONG: Final = "too_long"  # a key field over max_key_field_bytes
 INVALID: Final = "invalid"  # the Resource bytes do not decode
 HOST_MISMATCH: Final = "host_mismatch"  # host.name refused by the host filter (mTLS identity)
-UNTRACKED_REASONS: Final = (MISSING_FIELD, UNSUPPORTED_TYPE, TOO_LONG, INVALID, HOST_MISMATCH)
+NOT_OWNED: Final = "not_owned"  # k8s.cluster.name of a cluster this shard does not own
+UNTRACKED_REASONS: Final = (
+    MISSING_FIELD,
+    UNSUPPORTED_TYPE,
+    TOO_LONG,
+    INVALID,
+    HOST_MISMATCH,
+    NOT_OWNED,
+)
 HOST_FIELD: Final = "host.name"
+CLUSTER_FIELD: Final = "k8s.cluster.name"
 
 
 class InvalidRequest(ValueError):
@@ -162,6 +171,12 @@ def _untracked_part(reason: str, u: Untracked) -> str:
         return f"{n} data points from {resources} with an oversized key attribute ({names})"
     if reason == HOST_MISMATCH:
         return f"{n} data points from resources whose host.name is not in the client certificate"
+    if reason == NOT_OWNED:
+        cluster = f"cluster {u.example!r}" if u.example else "no k8s.cluster.name"
+        return (
+            f"{n} data points from {resources} of {cluster}, which this pathwatch shard does "
+            "not own (shard.clusters)"
+        )
     return f"{n} data points from {resources} whose Resource does not decode"
 
 
@@ -195,7 +210,7 @@ class _Resource(NamedTuple):
     keys: tuple[KeyTuple | None, ...]
     why: tuple[tuple[str, str] | None, ...]
     host: str = ""
-    refused: tuple[str, str] | None = None
+    refused: tuple[str, str] | tuple[str, str, str] | None = None  # (reason, field[, example])
     complete: bool = False
 
 
@@ -274,7 +289,11 @@ class Decoder:
         max_key_field_bytes: int = 4096,
         resource_cache: int = 100_000,
         durable: DurableResources | None = None,
+        owns_cluster: Callable[[str], bool] | None = None,
     ) -> None:
+        # Sharding: a resource of a cluster this shard does not own is refused whole
+        # (not_owned), whatever its rules; None owns every cluster.
+        self._owns_cluster = owns_cluster
         self._rules = [r for r in rules if r.enabled]
         self._groups: list[tuple[str, ...]] = sorted({r.metrics for r in self._rules})
         self._rule_group = [self._groups.index(r.metrics) for r in self._rules]
@@ -376,6 +395,16 @@ class Decoder:
                 host = None  # never in a certificate: refused by any host filter
         if refused is not None:
             return _Resource(self._no_keys, (refused,) * len(self._rules), host or "", refused)
+        if self._owns_cluster is not None:
+            cluster = values.get(CLUSTER_FIELD)
+            if cluster is None and CLUSTER_FIELD in attributes:
+                cluster = _text(attributes[CLUSTER_FIELD])
+            if not self._owns_cluster(cluster or ""):
+                not_owned = (NOT_OWNED, CLUSTER_FIELD, (cluster or "")[:_EXAMPLE_CHARS])
+                return _Resource(
+                    self._no_keys, ((NOT_OWNED, CLUSTER_FIELD),) * len(self._rules), host or "",
+                    not_owned,
+                )  # fmt: skip
         keys: list[KeyTuple | None] = []
         for key_of in self._key_getters:
             try:
@@ -592,7 +621,7 @@ class Decoder:
             result.refuse(HOST_MISMATCH, HOST_FIELD, npoints, info.host)
             return npoints
         if refused is not None:
-            result.refuse(refused[0], refused[1], npoints)
+            result.refuse(refused[0], refused[1], npoints, refused[2] if len(refused) > 2 else "")
             return npoints
         if not info.complete:
             counting = [i for i, g in enumerate(self._rule_group) if status[g] != _NONE]

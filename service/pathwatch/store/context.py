@@ -37,6 +37,7 @@ from pathwatch.store import keyspace as ks
 from pathwatch.store.db import Batch, Database
 
 _SEP = "\x00"
+SEP_BYTES = _SEP.encode()  # between the parts of a P or N key (cluster first)
 _COUNTED = ks.meta_key("context:counted")
 _REFS = struct.Struct(">QI")
 _BATCH = 10_000

@@ -490,6 +490,15 @@ class FirstSeenStore:
             )
             self._context_fields[rule] = (c, h, p, n)
 
+    def forget_cached(self) -> None:
+        """Drop every in-memory copy of stored state (key records, key counts, host and
+        cluster first-seen, context entries): after records were rewritten behind this
+        store's back (a baseline import, on the writer thread)."""
+        self._cache.clear()
+        self._counts.clear()
+        self._entities.clear()
+        self.context.forget()
+
     @property
     def cached_keys(self) -> int:
         return len(self._cache)

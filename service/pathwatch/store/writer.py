@@ -58,6 +58,26 @@ class TickWatermarks:
         return dict(self._through)
 
 
+class _Job:
+    """Work for the writer thread (`IngestWriter.run_exclusive`)."""
+
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[], object]) -> None:
+        self.work = work
+        self.done = threading.Event()
+        self.result: object = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except Exception as exc:  # handed to the caller, who classifies it
+            self.error = exc
+        finally:
+            self.done.set()
+
+
 class Ticket:
     """Completion of one submitted batch: `wait` returns once it is durable or failed."""
 
@@ -116,6 +136,7 @@ class IngestWriter:
         self._cond = threading.Condition()
         self._queue: deque[tuple[ObservationBatch, Ticket, Sequence[Mark], str]] = deque()
         self._pending = 0
+        self._jobs: deque[_Job] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._exited = threading.Event()
@@ -185,14 +206,18 @@ class IngestWriter:
         try:
             while True:
                 with self._cond:
-                    if not self._queue and not self._stopping:
+                    if not self._queue and not self._jobs and not self._stopping:
                         self._cond.wait(timeout=1.0)
                     items = list(self._queue)
                     self._queue.clear()
+                    jobs = list(self._jobs)
+                    self._jobs.clear()
                     stopping = self._stopping
                 if items:
                     self._write(items)
                     items = []
+                for job in jobs:
+                    job.run()
                 if not stopping and self._clock.monotonic() >= self._next_expiry:
                     self._expire()
                 if stopping and not items:
@@ -202,6 +227,23 @@ class IngestWriter:
             raise
         finally:
             self._exited.set()
+
+    def run_exclusive(self, work: Callable[[], object], timeout: float) -> object:
+        """Run `work` on the writer thread between two group commits (the single-writer rule:
+        a baseline import merges records that `apply` also writes) and return its result, or
+        raise what it raised. TimeoutError when it has not finished within `timeout` s (it may
+        still run); Backpressure when the writer is not running."""
+        job = _Job(work)
+        with self._cond:
+            if self._stopping or self._down or self._exited.is_set():
+                raise Backpressure("the store writer is not running")
+            self._jobs.append(job)
+            self._cond.notify()
+        if not job.done.wait(timeout):
+            raise TimeoutError(f"the store writer did not run the job within {timeout:g} s")
+        if job.error is not None:
+            raise job.error
+        return job.result
 
     def _fail_all(
         self, taken: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]], exc: BaseException

@@ -51,7 +51,8 @@ class Metrics:
             "field absent or empty), unsupported_type (a key field of a type other than string, "
             "int, bool or double), too_long (a key field over receiver.max_key_field_bytes), "
             "invalid (Resource bytes that do not decode), host_mismatch (host.name not in the "
-            "client certificate, require_host_match).",
+            "client certificate, require_host_match), not_owned (a cluster this shard does not "
+            "own, shard.clusters).",
             ("reason",),
         )
         self.data_points = self._counter(
@@ -256,6 +257,13 @@ class Metrics:
         )
         self.sink_disabled = self._gauge(
             "pathwatch_sink_disabled", "1 when a sink was disabled (HTTP 410 Gone).", ("sink",)
+        )
+
+        self.shard_info = self._gauge(
+            "pathwatch_shard_info",
+            "1, labelled with this pathwatch's shard name and the clusters it owns (shard.name, "
+            "shard.clusters; empty: all).",
+            ("shard", "clusters"),
         )
 
         # Supervision and housekeeping
