@@ -166,6 +166,50 @@ def test_console_without_token_is_open(
     assert status == 200 and "Rules" in body and "Sinks" in body
 
 
+def test_rendering_escapes_every_value_and_draws_runs() -> None:
+    """Every attacker-controlled value of an alert (fields, context, summary listings) is
+    escaped and made display-safe; the timeline clips runs to its span and keeps one-minute
+    runs visible."""
+    from pathwatch.app.console import Filters, _alert_card, matcher, timeline_svg
+    from pathwatch.store.codec import KeyState
+    from pathwatch.store.presence import PresenceHistory
+
+    evil = '"><script>alert(1)</script><img src=x onerror=alert(2)>\x1b\u202e'
+    alert = {
+        "id": evil,
+        "kind": evil,
+        "time": evil,
+        "rule": {"id": evil},
+        "risk_score": evil,
+        "risk_message": evil,
+        "fields": {evil: evil, "host": evil, "process.executable.path": evil},
+        "context": {"summary": evil, "name_usual_paths": [{"path": evil, "nodes": evil}]},
+        "keys": [{"host": evil, "path": evil}],
+        "first_seen": evil,
+    }
+    card = _alert_card(None, {}, alert, now_ms())  # type: ignore[arg-type]
+    assert "<script" not in card and "<img" not in card and "\x1b" not in card
+    assert "\u202e" not in card and "&lt;script&gt;" in card and "\\u202e" in card
+    f = Filters.parse({"host": ["node-*"], "path": ["/tmp/"]}, [RULE])
+    assert f.matches({"rule": {"id": RULE}, "keys": [{"host": "node-2", "path": "/tmp/x"}]})
+    assert not f.matches({"fields": {"host": "node-2", "process.executable.path": "/usr/x"}})
+    assert matcher("/tmp/")("/var/tmp/x") and not matcher("/tmp/*")("/var/tmp/x")
+
+    end = 100 * 1440 * 60_000
+    end_min = end // 60_000
+    state = KeyState(
+        0,
+        end,
+        PresenceHistory(
+            ((10, 20), (end_min - 31 * 1440, end_min - 29 * 1440), (end_min - 5, end_min - 4))
+        ),
+        PresenceHistory(((end_min - 5, end_min - 4),)),
+    )
+    svg = timeline_svg(state, end, 30)
+    assert svg.count('class="run"') == 1 and svg.count('class="run late"') == 1
+    assert 'x="0.00"' in svg  # the run that began before the span starts at its edge
+
+
 # -- in a real browser ----------------------------------------------------------------------
 
 
