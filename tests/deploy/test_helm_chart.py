@@ -6,6 +6,7 @@ import base64
 import copy
 import dataclasses
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -147,8 +148,14 @@ def container(objects: list[Manifest]) -> dict[str, Any]:
     return dict(c)
 
 
+def config_map(objects: list[Manifest]) -> Manifest:
+    """pathwatch's configuration ConfigMap (not the Grafana dashboard's)."""
+    (found,) = [o for o in by_kind(objects, "ConfigMap") if "config.yaml" in o["data"]]
+    return found
+
+
 def config_text(objects: list[Manifest]) -> str:
-    text: str = one(objects, "ConfigMap")["data"]["config.yaml"]
+    text: str = config_map(objects)["data"]["config.yaml"]
     return text
 
 
@@ -179,9 +186,11 @@ def test_chart_lints_without_warnings(values: dict[str, Any] | None) -> None:
 
 def test_default_install_creates_the_core_objects(default: list[Manifest]) -> None:
     """With default values: ConfigMap, PVC, ServiceAccount, Service, Deployment, the
-    NetworkPolicy and the admin token's Secret, nothing that needs the Prometheus Operator."""
+    NetworkPolicy, the admin token's Secret and the Grafana dashboard's ConfigMap, nothing that
+    needs the Prometheus Operator."""
     kinds = sorted(o["kind"] for o in default)
     assert kinds == [
+        "ConfigMap",
         "ConfigMap",
         "Deployment",
         "NetworkPolicy",
@@ -688,6 +697,11 @@ def test_without_persistence_the_data_dir_is_ephemeral_and_notes_warn(
         ({"networkPolicy": {"prometheus": {"enabled": "yes"}}}, "/networkPolicy/prometheus"),
         # An empty peer admits every source.
         ({"networkPolicy": {"ingress": {"grpcFrom": [{}]}}}, "/networkPolicy/ingress/grpcFrom/0"),
+        ({"grafanaDashboard": {"enabled": "yes"}}, "/grafanaDashboard/enabled"),
+        ({"grafanaDashboard": {"label": "grafana dashboard"}}, "/grafanaDashboard/label"),
+        ({"grafanaDashboard": {"labelValue": 1}}, "/grafanaDashboard/labelValue"),
+        ({"grafanaDashboard": {"namespace": "Monitoring"}}, "/grafanaDashboard/namespace"),
+        ({"grafanaDashboard": {"folder": "Security"}}, "folder"),
     ],
 )
 def test_schema_rejects_bad_values(
@@ -1084,3 +1098,73 @@ def test_network_policy_leaves_egress_open_unless_asked(chart: helm_python.Chart
     policy = one(render(chart, {"networkPolicy": {"enabled": True}}), "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert "egress" not in policy["spec"]
+
+
+# -- the Grafana dashboard ----------------------------------------------------------------------
+
+DASHBOARD = DEPLOY / "grafana" / "pathwatch-dashboard.json"
+DASHBOARD_KEY = "pathwatch-dashboard.json"
+
+
+def dashboard_map(objects: list[Manifest]) -> Manifest:
+    (found,) = [o for o in by_kind(objects, "ConfigMap") if DASHBOARD_KEY in o["data"]]
+    return found
+
+
+def test_chart_copy_of_the_dashboard_is_the_deploy_file() -> None:
+    """The chart embeds files/pathwatch-dashboard.json, a copy of the canonical
+    deploy/grafana/pathwatch-dashboard.json (a chart cannot read outside its directory): the
+    two must be byte for byte the same. After editing the dashboard, copy it over."""
+    copy_ = CHART / "files" / DASHBOARD_KEY
+    assert copy_.read_bytes() == DASHBOARD.read_bytes(), f"cp {DASHBOARD} {copy_}"
+
+
+def test_dashboard_config_map_carries_the_dashboard_for_the_sidecar(
+    default: list[Manifest],
+) -> None:
+    """By default a ConfigMap labelled grafana_dashboard: "1" (what Grafana's sidecar watches)
+    in the release's namespace holds the dashboard JSON, which parses and equals
+    deploy/grafana/pathwatch-dashboard.json."""
+    cm = dashboard_map(default)
+    assert cm["metadata"]["name"] == f"{FULLNAME}-dashboard"
+    assert cm["metadata"]["namespace"] == NAMESPACE
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    assert list(cm["data"]) == [DASHBOARD_KEY]
+    dashboard = json.loads(cm["data"][DASHBOARD_KEY])
+    assert dashboard == json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dashboard["uid"] == "pathwatch" and dashboard["panels"]
+    # kubectl apply keeps the whole object in an annotation (at most 256 KiB).
+    assert len(yaml.safe_dump(cm)) < 200_000
+
+
+def test_dashboard_label_namespace_and_annotations_follow_the_values(
+    chart: helm_python.Chart,
+) -> None:
+    """The sidecar's label and value, the namespace it searches and a folder annotation are
+    configurable."""
+    values = {
+        "grafanaDashboard": {
+            "label": "example.com/dashboard",
+            "labelValue": "pathwatch",
+            "namespace": "monitoring",
+            "annotations": {"grafana_folder": "Security"},
+        }
+    }
+    cm = dashboard_map(render(chart, values))
+    assert cm["metadata"]["labels"]["example.com/dashboard"] == "pathwatch"
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Security"}
+    validate_kubernetes(cm)
+    numeric = dashboard_map(render(chart, {"grafanaDashboard": {"label": "1", "labelValue": ""}}))
+    assert numeric["metadata"]["labels"]["1"] == ""
+    validate_kubernetes(numeric)
+
+
+def test_dashboard_can_be_switched_off(chart: helm_python.Chart) -> None:
+    """grafanaDashboard.enabled=false renders no dashboard ConfigMap; pathwatch's own config
+    ConfigMap stays."""
+    objects = render(chart, {"grafanaDashboard": {"enabled": False}})
+    assert [o["metadata"]["name"] for o in by_kind(objects, "ConfigMap")] == [FULLNAME]
+    assert config_map(objects)["metadata"]["name"] == FULLNAME
