@@ -157,6 +157,24 @@ def test_console_access(tmp_path: Path, service_factory: type[ServiceProcess]) -
     assert not any(TOKEN in line or quote(TOKEN, safe="") in line for line in svc.lines)
 
 
+def test_console_sign_in_works_with_protected_probes(
+    tmp_path: Path, service_factory: type[ServiceProcess]
+) -> None:
+    """With http.protect_probes the probes need the header, and the console still signs in
+    with ?token= and its cookie (it checks the token itself)."""
+    token_file = tmp_path / "api-token"
+    token_file.write_text(TOKEN + "\n")
+    http = {"listen": "127.0.0.1:0", "protect_probes": True,
+            "auth": {"bearer_token_file": str(token_file)}}  # fmt: skip
+    svc = service_factory(tmp_path / "data", {"http": http}).start()
+    assert _request(svc, "GET", "/metrics", token=None)[0] == 401
+    status, headers, _ = _request(svc, "GET", f"/console?token={quote(TOKEN, safe='')}", None)
+    assert status == 303
+    pair = headers["Set-Cookie"].split(";")[0]
+    assert _request(svc, "GET", "/console", token=None, cookie=pair)[0] == 200
+    svc.stop()
+
+
 def test_console_without_token_is_open(
     tmp_path: Path, service_factory: type[ServiceProcess]
 ) -> None:

@@ -232,7 +232,10 @@ class _Handler(BoundedHandler):
         if upload:
             self.close_connection = True
         try:
-            guarded = url.path.startswith("/api/") or self.protect_probes
+            # The console checks the same token itself (also from its sign-in cookie).
+            guarded = url.path.startswith("/api/") or (
+                self.protect_probes and not url.path.startswith("/console")
+            )
             if (
                 guarded
                 and self.token is not None
