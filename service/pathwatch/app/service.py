@@ -233,6 +233,10 @@ class Service:
             self.metrics.store_memory_bytes.labels(part=part).set_function(
                 functools.partial(db.property_int, prop)
             )
+        for rule in self.enabled_rules:  # read at every scrape, not only by the API
+            self.metrics.baseline_complete.labels(rule=rule.id).set_function(
+                functools.partial(self._baseline_complete, rule)
+            )
         cache = self.metrics.cache_entries
         cache.labels(cache="keys").set_function(lambda: firstseen.cached_keys)
         cache.labels(cache="durable").set_function(functools.partial(len, self.durable))
@@ -380,6 +384,9 @@ class Service:
         if self.runner is not None:
             self.runner.stream({r.id: r for r in self.rules}, hits)
 
+    def _baseline_complete(self, rule: Rule) -> float:
+        return 1.0 if self.baseline_status(rule)["complete"] else 0.0
+
     def baseline_status(self, rule: Rule) -> dict[str, object]:
         """When the rule's warm-up ends and its baseline spans its full length."""
         from pathwatch.alerts.event import rfc3339
@@ -388,7 +395,6 @@ class Service:
         full_at = self.first_start_ms + rule.baseline_minutes * MINUTE_MS
         now = self.clock.now_ms()
         complete = now >= max(warm_until, full_at)
-        self.metrics.baseline_complete.labels(rule=rule.id).set(1 if complete else 0)
         return {
             "first_start": rfc3339(self.first_start_ms),
             "warmup_until": rfc3339(warm_until),
