@@ -3,14 +3,26 @@
 One service (one data dir) takes the HistoryPlan's two stages through gRPC while its RSS is
 sampled every second. After each stage the built-in rule is evaluated through the API, each
 time at a different minute (the API records every tick). Then: a clean stop, the offline
-`pathwatch evaluate`, a timed restart to /readyz 200 with one more evaluation, a stop, a full
-RocksDB compaction, and the data dir's size per stored key.
+`pathwatch evaluate`, a timed restart to /readyz 200 with one more evaluation, Export latency
+while idle and while the full history is evaluated (below), a stop, a full RocksDB compaction,
+and the data dir's size per stored key.
+
+Export latency: the restart turns the rule to stream mode (the history load would otherwise
+raise a stream alert per stored key), so a new process in a scrape is alerted at once by the
+service's stream publisher, which takes the lock an evaluation holds. A steady exporter (one
+node of the fleet, a scrape every `probe_period_s`, one Export in flight, from the load
+generator's core) runs `probe_s` with the service otherwise idle, then `probe_s` while the bench
+evaluates the full history back to back through the API (dry runs at one unrecorded minute: the
+same evaluation under the same lock as a recorded tick, without its commit, so it can repeat).
+The busy figures count the Exports whose round trip overlapped an evaluation.
 """
 
 from __future__ import annotations
 
+import bisect
 import statistics
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +30,16 @@ from typing import Any
 
 from bench import procstat
 from bench.children import Event, run_child
+from bench.loadgen import percentile
 from bench.otlp import MINUTE_MS
 from bench.profile import Recording, record
 from bench.progress import count, megabytes, say
 from bench.service import RULE, ServiceUnderTest, child_env, metric_value
 from bench.settings import Settings
-from bench.workload import HistoryPlan, HistorySpec
+from bench.workload import FleetSpec, HistoryPlan, HistorySpec
 
 MILESTONES = (10, 50, 100)  # percent of the keys at which RSS is reported
+_FIRST_SWEEP_S = 61.0  # the writer sweeps every keyspace 60 s after a start, then hourly
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,44 @@ class Evaluation:
     alerts: int  # risk events in the response (summary events excluded)
     duplicates: int  # findings gated as already alerted (pathwatch_alerts_gated_total)
     response_bytes: int
+
+
+@dataclass(frozen=True)
+class Latency:
+    count: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Latency:
+        ordered = sorted(seconds)
+        return cls(
+            count=len(ordered),
+            p50_ms=percentile(ordered, 0.50) * 1000,
+            p99_ms=percentile(ordered, 0.99) * 1000,
+            max_ms=(ordered[-1] if ordered else 0.0) * 1000,
+        )
+
+    def text(self) -> str:
+        return f"{self.p50_ms:.1f} / {self.p99_ms:.1f} / {self.max_ms:.1f} ms ({self.count:,})"
+
+
+@dataclass(frozen=True)
+class ExportLatency:
+    """A steady exporter's round trips, idle and during evaluations of the full history."""
+
+    idle: Latency
+    busy: Latency  # the Exports whose round trip overlapped an evaluation
+    outside: int  # Exports of the busy window that overlapped none (not in `busy`)
+    evaluations: int  # evaluations run during the busy window
+    evaluation_median_s: float  # their HTTP round trip
+    evaluation_max_s: float
+    busy_share: float  # share of the busy window during which an evaluation ran
+    stream_alerts: int  # stream alerts the service raised during the phase
+    resources: int  # process resources per Export
+    retries: int
+    partial: int
 
 
 @dataclass
@@ -50,11 +102,15 @@ class HistoryResult:
     memory_parts: dict[str, float] = field(default_factory=dict)
     evaluations: dict[int, list[Evaluation]] = field(default_factory=dict)
     keys_created: int = 0
+    # Observations each stage listed as late for the next tick (new minutes before the latest
+    # recorded tick: stage 2's backfill, after stage 1's evaluations)
+    late_listed: dict[int, int] = field(default_factory=dict)
     shutdown_s: float = 0.0
     cli_s: float = 0.0
     cli_alerts: int = 0
     restart_s: float = 0.0
     restart_eval: Evaluation | None = None
+    export_latency: ExportLatency | None = None
     bytes_before_compaction: int = 0
     bytes_after_compaction: int = 0
     compaction_s: float = 0.0
@@ -109,6 +165,11 @@ def _delta(before: dict[str, float], after: dict[str, float], name: str, **label
     return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
 
+def _late_listed(service: ServiceUnderTest) -> int:
+    metrics = service.metrics()
+    return round(metric_value(metrics, "pathwatch_late_observations_total", outcome="after_tick"))
+
+
 def _memory_parts(metrics: dict[str, float]) -> dict[str, float]:
     parts = {
         part: metric_value(metrics, "pathwatch_store_memory_bytes", part=part)
@@ -154,7 +215,15 @@ def run_history(settings: Settings, workdir: Path, config: dict[str, Any]) -> Hi
                 settings.profile.mkdir(parents=True, exist_ok=True)
                 out = settings.profile / "history.txt"
                 recording = record(service.pid, 10.0, out, settings.loadgen_cpu)
+            late = _late_listed(service)
             result.loads.append(_load_stage(settings, service, plan, stage, stored, result))
+            result.late_listed[stage] = _late_listed(service) - late
+            if result.late_listed[stage]:
+                say(
+                    "history",
+                    f"stage {stage + 1}/2: {count(result.late_listed[stage])} observations "
+                    "listed late (before the latest recorded tick) for the next tick",
+                )
             stored += plan.stage_keys(stage)
             if recording is not None:
                 result.profile = recording.finish()
@@ -175,11 +244,17 @@ def run_history(settings: Settings, workdir: Path, config: dict[str, Any]) -> Hi
         say("history", "stopping the service (SIGTERM)")
         result.shutdown_s = service.stop()
         _offline_evaluate(service, minutes, result)
-        say("restart", f"starting again on {count(result.keys_created)} stored keys")
+        # Stream mode from here on (see the module's docstring); it changes ingest only.
+        service.reconfigure(
+            rules=[{**r, "mode": "stream"} if r.get("id") == RULE else r for r in config["rules"]]
+        )
+        say("restart", f"starting again on {count(result.keys_created)} stored keys (stream mode)")
         result.restart_s = service.start()
+        ready_at = time.monotonic()
         say("restart", f"ready (/readyz 200) {result.restart_s:.2f} s after exec")
         result.restart_eval = evaluate(service, minutes)
         say("restart", f"evaluation right after the restart: {result.restart_eval.server_s:.3f} s")
+        result.export_latency = _export_latency(settings, service, plan, minutes, ready_at)
         service.stop()
         result.bytes_before_compaction = data_bytes(service.data_dir)
         say("disk", f"compacting {megabytes(result.bytes_before_compaction)} of RocksDB files")
@@ -279,6 +354,137 @@ def _profile_evaluation(
         return recording.finish()
     finally:
         recording.kill()
+
+
+def _export_latency(
+    settings: Settings,
+    service: ServiceUnderTest,
+    plan: HistoryPlan,
+    minutes: Minutes,
+    ready_at: float,
+) -> ExportLatency:
+    """A steady exporter's round trips while idle, then while the full history is evaluated."""
+    # The writer runs its first keyspace sweep 60 s after the start: before both windows (the
+    # probe's first Export waits for it), not in one of them.
+    wait = ready_at + _FIRST_SWEEP_S - time.monotonic()
+    if wait > 0:
+        say("latency", f"waiting {wait:.0f} s for the writer's first keyspace sweep (60 s in)")
+        time.sleep(wait)
+    windows = ("idle", "busy")
+    period = max(0.001, settings.probe_period_s)
+    # One node of the fleet scraping every period, in real time: its points are current (not
+    # late for any recorded tick) and after every evaluated window, so the evaluations find
+    # what they found before. Each scrape replaces `churn` of its processes: new keys, so
+    # stream alerts; a minute boundary (every process written again) comes once a minute.
+    spec = FleetSpec(
+        nodes=1,
+        processes=settings.processes,
+        interval_s=period,
+        churn=settings.churn,
+        start_ms=int(time.time() * 1000),
+    )
+    at = rfc3339(minutes.take())  # never recorded: dry runs leave it free
+    status, body, _ = service.evaluate(at, dry_run=True)
+    if status != 200 or not body.get("dry_run"):
+        raise RuntimeError(f"dry-run evaluate answered {status}: {body}")
+    stream0 = metric_value(service.metrics(), "pathwatch_stream_alerts_total", rule=RULE)
+    say(
+        "latency",
+        f"steady exporter (core {settings.loadgen_cpu}): one {settings.processes}-process scrape "
+        f"every {period * 1000:.0f} ms, 1 in flight; {settings.probe_s:.0f} s idle, then "
+        f"{settings.probe_s:.0f} s while evaluating {plan.spec.days} d back to back (dry runs)",
+    )
+    spans: list[tuple[float, float]] = []
+    stop = threading.Event()
+    failure: list[str] = []
+    marks: dict[str, float] = {}
+
+    def evaluate_until_stopped() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                code, answer, _ = service.evaluate(at, dry_run=True)
+            except OSError as exc:
+                failure.append(f"dry-run evaluate failed: {exc}")
+                return
+            if code != 200:
+                failure.append(f"dry-run evaluate answered {code}: {answer}")
+                return
+            spans.append((started, time.monotonic()))
+
+    evaluator = threading.Thread(target=evaluate_until_stopped, daemon=True)
+
+    def on_event(event: Event) -> None:
+        if event.get("event") != "window":
+            return
+        marks[event["window"]] = event["at"]
+        say("latency", f"{event['window']} window: {settings.probe_s:.0f} s")
+        if event["window"] == "busy":
+            evaluator.start()
+
+    job = {
+        "target": f"127.0.0.1:{service.grpc_port}",
+        "source": "probe",
+        "spec": spec.to_json(),
+        "duration_s": settings.probe_s,
+        "period_s": period,
+        "windows": list(windows),
+        "metrics_url": f"http://127.0.0.1:{service.http_port}/metrics",
+    }
+    try:
+        probe = run_child(
+            "bench.loadgen",
+            job,
+            settings.loadgen_cpu,
+            timeout=300 + len(windows) * settings.probe_s,
+            on_event=on_event,
+            idle_timeout=120 + settings.probe_s,
+        )
+    finally:
+        stop.set()
+        if evaluator.is_alive():
+            evaluator.join(330)
+    if failure:
+        raise RuntimeError(failure[0])
+    if "busy" not in marks:
+        raise RuntimeError("the steady exporter never reached its busy window")
+    stream1 = metric_value(service.metrics(), "pathwatch_stream_alerts_total", rule=RULE)
+    busy_start, busy_end = marks["busy"], marks["busy"] + settings.probe_s
+    ends = [b for _, b in spans]  # the spans are sequential: starts and ends both sorted
+    idle, busy, outside = [], [], 0
+    for window, began, seconds in probe["samples"]:
+        if window == "idle":
+            idle.append(seconds)
+            continue
+        i = bisect.bisect_right(ends, began)  # the first evaluation ending after the start
+        if i < len(spans) and spans[i][0] < began + seconds:
+            busy.append(seconds)
+        else:
+            outside += 1
+    in_window = [(a, b) for a, b in spans if a < busy_end]
+    covered = sum(min(b, busy_end) - max(a, busy_start) for a, b in in_window)
+    durations = [b - a for a, b in in_window] or [0.0]
+    result = ExportLatency(
+        idle=Latency.of(idle),
+        busy=Latency.of(busy),
+        outside=outside,
+        evaluations=len(in_window),
+        evaluation_median_s=statistics.median(durations),
+        evaluation_max_s=max(durations),
+        busy_share=max(0.0, covered) / settings.probe_s,
+        stream_alerts=round(stream1 - stream0),
+        resources=settings.processes,
+        retries=probe["retries"],
+        partial=probe["partial"],
+    )
+    say("latency", f"idle: Export p50 / p99 / max {result.idle.text()}")
+    say(
+        "latency",
+        f"during {result.evaluations} evaluations (median {result.evaluation_median_s:.3f} s, "
+        f"{result.busy_share:.0%} of the window): {result.busy.text()}; "
+        f"{result.stream_alerts} stream alerts",
+    )
+    return result
 
 
 def _offline_evaluate(service: ServiceUnderTest, minutes: Minutes, result: HistoryResult) -> None:

@@ -7,7 +7,7 @@ events about once a second and one final ``result``. UNAVAILABLE and RESOURCE_EX
 retried after a short pause, as a collector would, and counted; any other error ends the run
 with exit code 1 and an ``error`` line.
 
-Two jobs:
+Three jobs:
 
 - ``fleet``: the steady-state fleet (bench.workload.Fleet). Every node's first scrape primes the
   store with the fleet's keys; then `warmup_s`, then at least `duration_s` of measurement:
@@ -18,6 +18,12 @@ Two jobs:
   length over- or under-weights them. With `extra_s`, the load goes on that long after the
   window (an ``extra`` event marks it): time for a profiler that would perturb the figures.
 - ``history``: every request of one stage of bench.workload.HistoryPlan, once.
+- ``probe``: a steady exporter, one node of the fleet (bench.workload.Fleet) scraping on a
+  fixed period (`period_s`) with one Export in flight, for `duration_s` in each of `windows`
+  (named, in order; a ``window`` event marks each start). The node's first scrape (all its
+  processes new) is sent first and not measured. The result lists every acknowledged Export
+  as [window, start, seconds] with `time.monotonic()` starts (system-wide on Linux), so the
+  orchestrator can tell which ones overlapped what it was doing meanwhile.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ _MAX_FUTURE_MS = 4 * 60_000  # pathwatch rejects points more than 5 minutes ahea
 @dataclass(frozen=True)
 class Job:
     target: str
-    source: str  # "fleet" or "history"
+    source: str  # "fleet", "history" or "probe"
     spec: dict[str, Any]
     stage: int = 0
     concurrency: int = 8
@@ -60,6 +66,9 @@ class Job:
     progress_s: float = 1.0
     timeout_s: float = 30.0  # per Export call
     reach_timeout_s: float = 250.0  # fleet: longest wait for a phase's acknowledgements
+    period_s: float = 0.05  # probe: one Export started every period (none in flight before)
+    windows: tuple[str, ...] = ()  # probe: measured windows, `duration_s` each
+    metrics_url: str = ""  # probe: the service's /metrics, to wait until the prime is published
 
 
 @dataclass
@@ -315,6 +324,97 @@ async def run_history(job: Job) -> dict[str, Any]:
     return result
 
 
+async def run_probe(job: Job) -> dict[str, Any]:
+    exports = Fleet(FleetSpec(**job.spec)).requests()
+    first = next(exports)
+    check_export(first)
+    channel = grpc.aio.insecure_channel(
+        job.target,
+        options=[("grpc.max_send_message_length", 64 << 20)],
+        compression=grpc.Compression.Gzip,
+    )
+    samples: list[tuple[str, float, float]] = []
+    retries = partial = 0
+    try:
+        call = channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportMetricsServiceResponse.FromString,
+        )
+
+        async def send(export: Export) -> float:
+            """Seconds from the first attempt to the acknowledgement (retries included)."""
+            nonlocal retries, partial
+            started = time.monotonic()
+            while True:
+                try:
+                    response = await call(export.payload, timeout=job.timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in _RETRYABLE and time.monotonic() - started < job.timeout_s:
+                        retries += 1
+                        await asyncio.sleep(0.05)
+                        continue
+                    failed = f"Export failed: {exc.code().name}: {exc.details()}"
+                    raise RuntimeError(failed) from None
+                if response.partial_success.rejected_data_points:
+                    partial += 1
+                return time.monotonic() - started
+
+        prime_s = await send(first)  # the node's first scrape: every process is a new key
+        if job.metrics_url:
+            await asyncio.to_thread(_stream_settled, job.metrics_url, 60.0)
+        else:
+            await asyncio.sleep(max(job.period_s, 0.5))
+        for name in job.windows:
+            emit("window", window=name, at=time.monotonic())
+            start = time.monotonic()
+            slot = start
+            while slot < start + job.duration_s:
+                export = next(exports)
+                if export.time_ms > time.time() * 1000 + _MAX_FUTURE_MS:
+                    raise RuntimeError("the probe's simulated time ran ahead of the clock")
+                await asyncio.sleep(max(0.0, slot - time.monotonic()))
+                began = time.monotonic()
+                samples.append((name, began, await send(export)))
+                # A slow acknowledgement delays the next Export; it does not bunch them up.
+                slot = max(slot + job.period_s, time.monotonic())
+    finally:
+        await channel.close()
+    return {
+        "prime_s": prime_s,
+        "samples": [[w, round(t, 6), round(s, 6)] for w, t, s in samples],
+        "retries": retries,
+        "partial": partial,
+        "request_bytes": len(first.payload),
+    }
+
+
+def _stream_settled(url: str, timeout: float) -> None:
+    """Wait until the service's stream queue is empty and its stream alert count has stayed
+    the same for half a second (the prime's alerts are published), or `timeout` passes."""
+    import urllib.request
+
+    def read() -> tuple[float, float]:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        depth = alerts = 0.0
+        for line in text.splitlines():
+            if line.startswith("pathwatch_stream_queue_depth"):
+                depth += float(line.rpartition(" ")[2])
+            elif line.startswith("pathwatch_stream_alerts_total{"):
+                alerts += float(line.rpartition(" ")[2])
+        return depth, alerts
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        depth, alerts = read()
+        if depth == 0 and alerts == last:
+            return
+        last = alerts if depth == 0 else None
+        time.sleep(0.5)
+
+
 def _chain(first: Export, rest: Iterator[Export]) -> Iterator[Export]:
     yield first
     yield from rest
@@ -324,8 +424,10 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m bench.loadgen JOB_JSON", file=sys.stderr)
         return 2
-    job = Job(**json.loads(argv[0]))
-    runner = run_fleet if job.source == "fleet" else run_history
+    fields = json.loads(argv[0])
+    fields["windows"] = tuple(fields.get("windows", ()))
+    job = Job(**fields)
+    runner = {"fleet": run_fleet, "history": run_history, "probe": run_probe}[job.source]
     try:
         result = asyncio.run(runner(job))
     except (RuntimeError, TimeoutError) as exc:

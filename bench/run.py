@@ -33,7 +33,13 @@ _OFF_SCHEDULE = "0 0 1 1 *"
 def service_config(settings: Settings, *, flood_guards: bool) -> dict[str, Any]:
     config: dict[str, Any] = {
         "store": {"fsync": settings.fsync},
-        "rules": [{"id": RULE, "schedule": _OFF_SCHEDULE}],
+        # The bench replays days of history over OTLP: every timestamp counts as baseline (the
+        # default distrusts points that arrive more than an hour late, as history does).
+        "receiver": {"max_baseline_lateness": "0s"},
+        # delay 0s: the API refuses a tick until its window plus the rule's delay has passed,
+        # and the bench evaluates the minute that just ended. no_baseline alert: every new key
+        # is an alert, as in the reference (every cluster has history here in any case).
+        "rules": [{"id": RULE, "schedule": _OFF_SCHEDULE, "delay": "0s", "no_baseline": "alert"}],
     }
     if not flood_guards:
         config["limits"] = {"new_keys_per_host_per_hour": 0, "new_keys_per_hour": 0}

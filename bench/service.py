@@ -74,6 +74,12 @@ class ServiceUnderTest:
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def reconfigure(self, **sections: Any) -> None:
+        """Replace top-level sections of the config (the ports and the data dir stay); the
+        service reads it at its next start."""
+        self.config = {**self.config, **sections}
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
     @property
     def pid(self) -> int:
         if self.proc is None:
@@ -155,12 +161,14 @@ class ServiceUnderTest:
                 out[series] = float(value)
         return out
 
-    def evaluate(self, at: str) -> tuple[int, dict[str, Any], int]:
-        """POST the parity rule's evaluate endpoint at `at` (RFC 3339).
+    def evaluate(self, at: str, dry_run: bool = False) -> tuple[int, dict[str, Any], int]:
+        """POST the parity rule's evaluate endpoint at `at` (RFC 3339), a dry run if asked
+        (the same evaluation under the same lock, nothing recorded).
 
         Returns (status, JSON body, body size in bytes).
         """
-        status, body = self.api("POST", f"/api/v1/rules/{RULE}/evaluate?at={at}", timeout=300.0)
+        query = f"at={at}&dry_run=true" if dry_run else f"at={at}"
+        status, body = self.api("POST", f"/api/v1/rules/{RULE}/evaluate?{query}", timeout=300.0)
         parsed: dict[str, Any] = json.loads(body) if body.startswith(b"{") else {}
         return status, parsed, len(body)
 

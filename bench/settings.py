@@ -28,6 +28,9 @@ class Settings:
     days: int = 30
     short_days: int = 7
     evaluations: int = 3
+    # Export latency while idle and while evaluating: a steady exporter, one scrape a period
+    probe_s: float = 30.0
+    probe_period_s: float = 0.05
     # where things run
     service_cpu: int | None = 1
     loadgen_cpu: int | None = 0
@@ -42,7 +45,7 @@ class Settings:
 SIZE_FIELDS = frozenset(
     ("nodes", "processes", "interval_s", "churn", "concurrency", "channels", "warmup_s",
      "duration_s", "parse_requests", "parse_seconds", "keys", "active", "new_fraction", "days",
-     "short_days", "evaluations")
+     "short_days", "evaluations", "probe_s", "probe_period_s")
 )  # fmt: skip
 
 QUICK = Settings(
@@ -53,6 +56,7 @@ QUICK = Settings(
     duration_s=5.0,
     parse_requests=20,
     parse_seconds=2.0,
+    probe_s=10.0,
     quick=True,
 )
 
@@ -75,6 +79,9 @@ _HELP = {
     "days": "history length (the rule's baseline is 30 days)",
     "short_days": "the shorter history length evaluated first",
     "evaluations": "evaluations per history length (each at a different minute)",
+    "probe_s": "seconds the steady exporter is measured while idle, and again while the full "
+    "history is evaluated back to back",
+    "probe_period_s": "seconds between two Exports of the steady exporter (one node's scrape)",
     "service_cpu": "core the service is pinned to (-1: no pinning)",
     "loadgen_cpu": "core the load generator, DuckDB and py-spy are pinned to (-1: none)",
 }
