@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                 default=None,
                 help=f"{_HELP[f.name]} (default {f.default}; --quick: {getattr(QUICK, f.name)})",
             )
-    parser.add_argument("--quick", action="store_true", help="every size ~100x smaller (< 1 min)")
+    parser.add_argument("--quick", action="store_true", help="every size ~100x smaller (~2 min)")
     parser.add_argument(
         "--no-fsync",
         dest="fsync",
