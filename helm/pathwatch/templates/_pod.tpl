@@ -119,7 +119,12 @@ spec:
       {{- end }}
       {{- if .Values.readinessProbe.enabled }}
       # /readyz is 503 while the store is not open or writes fail, or the receiver or the
+      {{- if $sharded }}
+      # scheduler is down. The headless Service keeps publishing the shard (its clusters have
+      # nowhere else to go): collectors queue and retry until it is ready.
+      {{- else }}
       # scheduler is down: the Service stops routing OTLP here and collectors queue and retry.
+      {{- end }}
       readinessProbe:
         httpGet:
           path: /readyz
