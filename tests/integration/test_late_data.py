@@ -289,3 +289,20 @@ def test_stream_mode_cannot_be_poisoned_before_the_exec(tmp_path: Path) -> None:
         assert [hit.key for hit in result.stream_hits] == [IMPLANT]
     finally:
         db.close()
+
+
+def test_only_late_onsets_within_reach_are_listed(rig: Rig, clock: FakeClock) -> None:
+    """History sent over OTLP after ticks ran lists one entry per key (its onset), not one per
+    minute, and nothing older than evaluation reaches: the next tick re-reads only those."""
+    from pathwatch.store import keyspace as ks
+
+    tick = START + 10 * 86_400_000
+    rig.tick(tick)
+    clock.set_ms(tick + 5 * MINUTE_MS)
+    for minute in range(30):  # a running process, backfilled minute by minute
+        rig.observe(IMPLANT, tick - 2 * HOUR_MS + minute * MINUTE_MS)
+    old = ("node-old", "prod", "node-old", "1", "/usr/bin/old", "old")
+    rig.observe(old, tick - 9 * 86_400_000)  # beyond the activity index's reach
+    listed = list(rig.db.scan_prefix(ks.late_prefix(RULE.id)))
+    assert len(listed) == 1
+    assert rig.sample("pathwatch_late_observations_total", outcome="after_tick") == 31

@@ -279,12 +279,11 @@ class FirstSeenStore:
                 if untrusted.runs:
                     # Gaps that trimming joined were never observed: never trusted either.
                     untrusted = untrusted.union(hist.without(grown)).trimmed(horizon, ret.max_runs)
+            after: list[int] = []
             if watermarks and sighting.first_ms < watermarks.get(rule, 0):
                 mark_before = watermarks[rule] // MINUTE_MS
                 after = [m for m in minutes if m < mark_before and not old_hist.observed(m, m + 1)]
-                if after:
-                    late_after_tick += len(after)
-                    self._list_late(wb, rule, rkey, min(after), now_ms)
+                late_after_tick += len(after)
             if old is None:
                 self._note_entities(rule, key, sighting.first_ms, new_entities, wb)
                 fields = self._context_fields.get(rule)
@@ -295,6 +294,10 @@ class FirstSeenStore:
             first_ms = min(old.first_seen_ms, sighting.first_ms) if old else sighting.first_ms
             last_ms = max(old.last_seen_ms, sighting.last_ms) if old else sighting.last_ms
             state = KeyState(first_ms, last_ms, hist, untrusted)
+            if after:
+                onset = self._late_onset(state, after, ret, now_min)
+                if onset is not None:
+                    self._list_late(wb, rule, rkey, onset, now_ms)
             encoded_key = rkey[len(ks.record_prefix(rule)) :]
             wb.put(rkey, encode_state(state))
             # The activity index skips a key by its first_seen only while it is trusted.
@@ -381,6 +384,24 @@ class FirstSeenStore:
             if len(out) >= limit:
                 break
         return out
+
+    @staticmethod
+    def _late_onset(
+        state: KeyState, late: list[int], ret: Retention, now_min: int
+    ) -> int | None:
+        """The earliest of `late` (new minutes inside windows of ticks that already ran) that a
+        tick could still report: inside the activity index's reach (as far back as evaluation
+        goes), starting a run, with no on-time observation in the gap before it. A late minute
+        that extends a run, or one older than any evaluable window, can start no occurrence:
+        listing it would only make the next tick re-read the key."""
+        floor = now_min - ret.index_minutes
+        gap = max(1, ret.baseline_minutes - ret.window_minutes)
+        for m in sorted(late):
+            if m < floor or state.history.observed(m - 1, m):
+                continue
+            if not state.trusted_observed(m - gap, m):
+                return m
+        return None
 
     def _list_late(self, wb: Batch, rule: str, rkey: bytes, minute: int, now_ms: int) -> None:
         """List the key for the next tick's late check, keeping the earliest late minute. The
