@@ -61,6 +61,7 @@ def test_new_process_alerts_once_through_webhook(
     assert delivered.json() == alert
     assert delivered.headers["webhook-id"] == alert["id"]
     assert delivered.headers["content-type"] == "application/json"
+    assert delivered.headers["user-agent"].startswith("pathwatch/")  # not Python-urllib
 
     again = svc.evaluate(t)
     assert again == {"alerts": [alert], "new": False}

@@ -25,13 +25,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pathwatch import __version__
 from pathwatch.clock import Clock
 from pathwatch.config.model import SinkConfig
 
 Outcome = Literal["ok", "retry", "permanent", "gone"]
 _MAX_ERROR_BODY = 2048
 _MAX_BODY = 65_536  # an answer longer than this is not read to its end: its connection is closed
-_USER_AGENT = "pathwatch"
+_USER_AGENT = f"pathwatch/{__version__}"
 
 
 @dataclass(frozen=True, slots=True)
