@@ -386,9 +386,7 @@ class FirstSeenStore:
         return out
 
     @staticmethod
-    def _late_onset(
-        state: KeyState, late: list[int], ret: Retention, now_min: int
-    ) -> int | None:
+    def _late_onset(state: KeyState, late: list[int], ret: Retention, now_min: int) -> int | None:
         """The earliest of `late` (new minutes inside windows of ticks that already ran) that a
         tick could still report: inside the activity index's reach (as far back as evaluation
         goes), starting a run, with no on-time observation in the gap before it. A late minute
