@@ -7,10 +7,13 @@ parity rule with every timestamp trusted (`receiver.max_baseline_lateness: 0s`):
 
 - on time: a key is new at tick T when it has a minute in [T-1h, T) and none in
   [T-30d, T-1h); its alert id is derived from (rule, key, first minute in the window);
-- late: a minute written after a tick at or after it had run is listed for the next tick,
+- late: a minute written after a tick at or after it had run, within the activity index's
+  reach before that tick (window + 3 days) and in a write that starts a run, is listed for the
+  next tick,
   which alerts each onset (a run of minutes starting after a gap) that is new at its own
   hourly tick and that tick's record did not already name, marked late, with the on-time id;
-- an id already recorded is never recorded again (stream and schedule deduplication).
+- an id already recorded is never recorded again (stream and schedule deduplication), nor
+  twice by one tick (its on-time alert wins over a late one with the same id).
 
 Call `expect` and `apply` only while no export is in flight (the harness quiesces its
 senders around every tick), so the model knows exactly what the tick saw.
@@ -32,6 +35,7 @@ RULE = "kubernetes_process_running_from_new_path"
 WINDOW = 60  # minutes
 BASELINE = 30 * 24 * 60
 HOUR = 60
+REACH = WINDOW + 3 * 24 * 60  # the activity index's reach (app.service.INDEX_EXTRA_MINUTES)
 _FIELDS = (
     "host",
     "k8s.cluster.name",
@@ -108,10 +112,12 @@ class Model:
                 history = self.minutes.setdefault(key, set())
                 new = minutes - history
                 if new:
-                    late = [m for m in new if m < self.watermark]
-                    if late:
-                        self.late_since[key] = min([*late, self.late_since.get(key, late[0])])
                     history |= new
+                    # Listed for the next tick: minutes before the latest tick, within the
+                    # activity index's reach before it, when one of them starts a run.
+                    late = [m for m in new if self.watermark - REACH <= m < self.watermark]
+                    if any(m - 1 not in history for m in late):
+                        self.late_since[key] = min([*late, self.late_since.get(key, late[0])])
                     self.observations += len(new)
                 if first < self.first_ms.get(key, first + 1):
                     self.first_ms[key] = first
@@ -147,6 +153,10 @@ class Model:
                 named = on_keys if own == tick else self.recorded.get(own, set())
                 if key not in named:
                     late.append(Alert(alert_id(RULE, key, start), key, own, True))
+        # One alert per id: a tick at any minute and a late onset of an hourly tick can name
+        # the same occurrence; the on-time one is recorded.
+        named = {a.id for a in on_time}
+        late = [a for a in late if a.id not in named]
         return [a for a in on_time + late if a.id not in self.alert_ids]
 
     def apply(self, tick: int, recorded: list[Alert]) -> None:

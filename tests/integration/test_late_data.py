@@ -306,3 +306,14 @@ def test_only_late_onsets_within_reach_are_listed(rig: Rig, clock: FakeClock) ->
     listed = list(rig.db.scan_prefix(ks.late_prefix(RULE.id)))
     assert len(listed) == 1
     assert rig.sample("pathwatch_late_observations_total", outcome="after_tick") == 31
+
+
+def test_a_tick_between_hours_and_a_late_onset_name_one_alert(rig: Rig, clock: FakeClock) -> None:
+    """A tick run at 9 past (through the API) whose window overlaps the hourly tick of a late
+    onset records that occurrence once, not once on time and once late (one id, one delivery)."""
+    hour = START + 5 * HOUR_MS
+    rig.tick(hour)
+    clock.set_ms(hour + 5 * MINUTE_MS)
+    rig.observe(IMPLANT, hour - 30 * MINUTE_MS)  # in the hour's window, after its tick ran
+    alerts = rig.tick(hour + 9 * MINUTE_MS)  # window [hour - 51 min, hour + 9 min)
+    assert [a["id"] for a in alerts] == [_on_time_id(clock, hour, hour - 30 * MINUTE_MS)]

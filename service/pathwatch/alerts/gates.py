@@ -71,12 +71,15 @@ class AlertGates:
         if self.in_warmup(rule, at_ms):
             counter.labels(rule=rule.id, reason="warmup").inc(len(pairs))
             return out
-        existing = self._alerts.existing([e.id for _, e in pairs])
+        existing = set(self._alerts.existing([e.id for _, e in pairs]))
         seen_now: dict[bytes, int] = {}
         for finding, event in pairs:
+            # Recorded before, or twice in this batch (a tick at any minute and a late onset
+            # of an hourly tick can name the same occurrence): one alert per id, always.
             if event.id in existing:
                 counter.labels(rule=rule.id, reason="duplicate").inc()
                 continue
+            existing.add(event.id)
             if self._learning(rule, finding.key, at_ms):
                 counter.labels(rule=rule.id, reason="learning").inc()
                 continue

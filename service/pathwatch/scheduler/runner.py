@@ -238,6 +238,9 @@ class TickRunner:
                 self._metrics.evaluations.labels(rule=rule.id, outcome="error").inc()
                 raise
             on_time, no_baseline = self._without_baseline(rule, tick_ms, evaluation.findings)
+            # A tick at any minute and a late onset of an hourly tick can name one occurrence.
+            named = {alert_id(rule.id, f.key, f.first_minute) for f in evaluation.findings}
+            late = [f for f in late if alert_id(rule.id, f.key, f.first_minute) not in named]
             findings = [*on_time, *late]
             events = [risk_event(f) for f in on_time]
             events += [late_risk_event(f, tick_ms) for f in late]

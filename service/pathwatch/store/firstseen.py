@@ -280,6 +280,7 @@ class FirstSeenStore:
                     # Gaps that trimming joined were never observed: never trusted either.
                     untrusted = untrusted.union(hist.without(grown)).trimmed(horizon, ret.max_runs)
             after: list[int] = []
+            mark_before = 0
             if watermarks and sighting.first_ms < watermarks.get(rule, 0):
                 mark_before = watermarks[rule] // MINUTE_MS
                 after = [m for m in minutes if m < mark_before and not old_hist.observed(m, m + 1)]
@@ -295,7 +296,7 @@ class FirstSeenStore:
             last_ms = max(old.last_seen_ms, sighting.last_ms) if old else sighting.last_ms
             state = KeyState(first_ms, last_ms, hist, untrusted)
             if after:
-                onset = self._late_onset(state, after, ret, now_min)
+                onset = self._late_onset(state, after, mark_before - ret.index_minutes)
                 if onset is not None:
                     self._list_late(wb, rule, rkey, onset, now_ms)
             encoded_key = rkey[len(ks.record_prefix(rule)) :]
@@ -386,20 +387,16 @@ class FirstSeenStore:
         return out
 
     @staticmethod
-    def _late_onset(state: KeyState, late: list[int], ret: Retention, now_min: int) -> int | None:
-        """The earliest of `late` (new minutes inside windows of ticks that already ran) that a
-        tick could still report: inside the activity index's reach (as far back as evaluation
-        goes), starting a run, with no on-time observation in the gap before it. A late minute
-        that extends a run, or one older than any evaluable window, can start no occurrence:
-        listing it would only make the next tick re-read the key."""
-        floor = now_min - ret.index_minutes
-        gap = max(1, ret.baseline_minutes - ret.window_minutes)
-        for m in sorted(late):
-            if m < floor or state.history.observed(m - 1, m):
-                continue
-            if not state.trusted_observed(m - gap, m):
-                return m
-        return None
+    def _late_onset(state: KeyState, late: list[int], floor: int) -> int | None:
+        """The minute to list for the next tick's late check, or None: the earliest of `late`
+        (new minutes inside windows of ticks that already ran) at or after `floor` (the
+        activity index's reach before the latest tick: no tick older than that can be
+        evaluated), when one of them starts a run. A late minute that only extends a run can
+        start no occurrence: listing it would only make the next tick re-read the key."""
+        reachable = [m for m in late if m >= floor]
+        if not any(not state.history.observed(m - 1, m) for m in reachable):
+            return None
+        return min(reachable)
 
     def _list_late(self, wb: Batch, rule: str, rkey: bytes, minute: int, now_ms: int) -> None:
         """List the key for the next tick's late check, keeping the earliest late minute. The
