@@ -36,7 +36,10 @@ class WebhookReceiver:
                 pass
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    return  # the sender died mid-request (kill -9): nothing was delivered
                 status = outer._record(
                     self.headers.get("webhook-id", ""),
                     self.headers.get("webhook-timestamp", ""),

@@ -105,6 +105,8 @@ def test_a_cluster_moves_with_its_baseline_and_keeps_its_alert_ids(
     assert [a.get("kind") for a in on_new] == [None]
     assert [a["id"] for a in on_new] == [a["id"] for a in on_old]
     assert on_new[0]["fields"]["process.executable.path"] == IMPLANT.path
+    # The context ("seen on N nodes") moved with the cluster, counts included.
+    assert on_new[0]["context"] == on_old[0]["context"]
 
 
 def test_a_cluster_new_to_a_shard_is_summarised(

@@ -393,6 +393,8 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"pathwatch: {args.file}: {exc}", file=sys.stderr)
             return EXIT_RUNTIME
+        assert service.firstseen is not None
+        service.firstseen.context.recount()  # imported context rows came without counts
         print(f"{count} key(s) merged from {args.file}", file=sys.stderr)
         return 0
     finally:

@@ -371,12 +371,14 @@ class _Handler(BoundedHandler):
 
             def merge() -> int:
                 try:
-                    return import_baseline(
+                    merged = import_baseline(
                         db,
                         spool,  # type: ignore[arg-type]
                         svc.retention,
                         svc.clock.now_ms(),
                     )
+                    store.context.recount()  # imported context rows came without counts
+                    return merged
                 finally:
                     store.forget_cached()  # the merge rewrote records behind the caches
                     svc.durable.clear()

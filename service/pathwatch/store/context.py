@@ -224,6 +224,15 @@ class ContextIndex:
                 tally.change(wb, _NAME_HOST, scope, host, new_first, 1)
             wb.put(ekey, _REFS.pack(max(0, new_first), refs))
 
+    def recount(self) -> int:
+        """Count again from scratch after P/N entries were written without their counts (a
+        baseline import merges rows directly). Writer thread only."""
+        wb = Batch()
+        wb.delete(_COUNTED)
+        self._db.commit(wb)
+        self._counted = None
+        return self.rebuild_counts()
+
     def rebuild_counts(self) -> int:
         """Count every P/N entry from scratch (a data dir from a release without counts), in
         batches of 10,000; returns the entries counted. Writer thread only: no P/N write may
