@@ -50,3 +50,16 @@ class Mark:
     minute: int
     earliest_ms: int
     keys: tuple[RuleKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """Resources of one request whose points all carry `time_ms`, each (by fingerprint, with
+    its keys) durable for the minute before it: the store may log their new minute instead of
+    rewriting their records (store/extend.py). Found by the receiver's fast path."""
+
+    time_ms: int
+    resources: tuple[tuple[int, tuple[RuleKey, ...]], ...]
+
+    def __len__(self) -> int:
+        return sum(len(keys) for _, keys in self.resources)

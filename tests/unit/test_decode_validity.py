@@ -400,7 +400,9 @@ def _durable_decoder(data: bytes) -> Decoder:
     durable = DurableResources(100)
     decoder = Decoder([PARITY_RULE], durable=durable)
     first = decoder.decode(data, BOUNDS)
-    durable.add((m.fingerprint, encode(m.minute * 60_000, bool(m.keys))) for m in first.marks)
+    durable.add(
+        (m.fingerprint, encode(m.minute * 60_000, bool(m.keys)), m.keys) for m in first.marks
+    )
     return decoder
 
 

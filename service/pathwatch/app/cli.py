@@ -116,6 +116,11 @@ def _open_offline(config: Config, *, create: bool = False):  # type: ignore[no-u
         )
     service = Service(config)
     service.open_store()
+    # Minutes the service logged and had not folded yet go into their records first, so
+    # that what this command reads or writes is the whole state (store/extend.py).
+    assert service.firstseen is not None
+    if service.firstseen.load_pending():
+        service.firstseen.fold_all(service.retention, service.clock.now_ms())
     return service
 
 

@@ -316,6 +316,7 @@ class _Handler(BoundedHandler):
 
         from pathwatch.app.baseline import ClusterScope, export_baseline
         from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD
+        from pathwatch.store.writer import Backpressure
 
         svc = self.service
         assert svc.db is not None
@@ -334,6 +335,12 @@ class _Handler(BoundedHandler):
                 if CLUSTER_FIELD in r.key_fields
             }
             scope = ClusterScope(query["cluster"][0], positions)
+        if svc.writer is not None:
+            # The export reads records directly: minutes logged so far go into them first.
+            try:
+                svc.writer.run_exclusive(lambda: None, timeout=600.0)
+            except (Backpressure, TimeoutError) as exc:
+                raise ApiError(503, f"not exported now, retry: {exc}") from None
         with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
             keys = export_baseline(svc.db, spool, rules, scope)  # type: ignore[arg-type]
             size = spool.tell()

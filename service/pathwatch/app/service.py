@@ -256,6 +256,7 @@ class Service:
             WriterConfig(
                 max_pending_keys=cfg.store.max_pending_keys,
                 expiry_interval_s=cfg.store.expiry_interval,
+                fold_interval_s=cfg.store.fold_interval,
             ),
             # Off the write path: the writer only queues them (bounded) for the publisher.
             on_limit=lambda hits: self.stream.offer(

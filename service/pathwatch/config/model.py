@@ -123,6 +123,10 @@ class StoreConfig:
     max_runs_per_key: int = 256
     block_cache_size: ByteSize = ByteSize(32 << 20)
     expiry_interval: Duration = Duration(3600.0)
+    # A running process's minute right after a stored one is logged (one entry per group
+    # commit) and folded into its key record this often: one record write per key per
+    # interval instead of per minute. 0 writes every minute into the records at once.
+    fold_interval: Duration = Duration(600.0)
 
 
 @dataclass(frozen=True)

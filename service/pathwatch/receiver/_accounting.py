@@ -111,7 +111,9 @@ def write_durably(
     queue refused the batch (both cases are retryable for the sender).
     """
     try:
-        ticket = writer.submit(result.batch, result.marks, sender=sender)
+        ticket = writer.submit(
+            result.batch, result.marks, sender=sender, extension=result.extension
+        )
     except Backpressure as exc:
         return True, f"pathwatch is overloaded: {exc}"
     if not ticket.wait(max(0.0, timeout)) or ticket.error is not None:

@@ -14,8 +14,12 @@ Before that, when the decoder is given the store's DurableResources, a request i
 through the flat view (the whole request merged into one resource, still in C): if every point
 falls in one minute and every resource is already durable for that minute, the request changes
 nothing and is answered from a handful of C-level calls, without a per-resource Python loop.
-That is five scrapes in six of a running process. The full path reports which resources it
-saw in exactly one minute (`DecodeResult.marks`), for the writer to add once durable.
+That is five scrapes in six of a running process at a 10 s interval. At a minute boundary
+(every scrape at the collector's 60 s interval), a resource durable for the minute before
+the request's, whose points all carry the request's one timestamp, is an *extension*: its
+keys come from the DurableResources entry, undecoded, and the store logs the new minute
+(store/extend.py). The full path reports which resources it saw in exactly one minute
+(`DecodeResult.marks`), for the writer to add once durable.
 
 No input makes a process invisible without a reason the sender can read: metric names are read
 as bytes and a Resource that is not UTF-8 somewhere is read again through an all-bytes view, so
@@ -41,7 +45,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
-from pathwatch.observations import KeyTuple, Mark, ObservationBatch, RuleKey, Sighting
+from pathwatch.observations import Extension, KeyTuple, Mark, ObservationBatch, RuleKey, Sighting
 from pathwatch.receiver._view import (
     FlatRequest,
     MergedRequest,
@@ -102,6 +106,8 @@ class Untracked:
 class DecodeResult:
     batch: ObservationBatch = field(default_factory=dict)
     marks: list[Mark] = field(default_factory=list)
+    # Resources whose new minute directly follows one durable for them (store/extend.py).
+    extension: Extension | None = None
     points_accepted: int = 0
     points_too_old: int = 0
     points_future: int = 0
@@ -502,17 +508,57 @@ class Decoder:
         ):
             return None
         earliest_ms = lo // 1_000_000
-        values = list(map(self._durable.get, map(hash, raws)))
+        fingerprints = list(map(hash, raws))
+        values = list(map(self._durable.get, fingerprints))
         result = DecodeResult()
         new: list[int] = []
+        extending: list[int] = []
+        # One timestamp for every point (the hostmetrics scrapers stamp a scrape once): then
+        # a key's extension carries exactly its own first and last point.
+        previous = minute - 1 if lo == hi else -1
         tracked = 0
         for i, value in enumerate(values):
-            if value is None or not value & 1 or not covers(value, minute, earliest_ms):
+            if value is None or not value & 1:
                 new.append(i)
                 if len(new) > len(values) // _MAX_NEW_SHARE:
-                    return None  # mostly new (a new minute): the full path is cheaper
-            else:
+                    return None  # mostly new processes: the full path is cheaper
+            elif covers(value, minute, earliest_ms):
                 tracked += 1
+            elif (value >> 1) // 60_000 == previous:
+                extending.append(i)
+            else:
+                new.append(i)
+                if len(new) > len(values) // _MAX_NEW_SHARE:
+                    return None
+        if extending:
+            # The flat view cannot tell a ResourceMetrics without points (no observation)
+            # from one with points: the merged view, one list per ResourceMetrics, can.
+            try:
+                rms = MergedRequest.FromString(data).resource_metrics
+            except (DecodeError, RecursionError, ValueError):
+                return None
+            if len(rms) != len(raws):
+                return None
+            keys_of = self._durable.keys_of
+            resources = []
+            for i in extending:
+                rm = rms[i]
+                if rm.resource != raws[i]:
+                    return None  # positions do not name ResourceMetrics
+                merged = rm.scope_metrics.metrics
+                keys = keys_of(fingerprints[i])
+                if keys is None or not (
+                    merged.gauge.data_points.time_unix_nano or merged.sum.data_points.time_unix_nano
+                ):
+                    new.append(i)
+                else:
+                    resources.append((fingerprints[i], keys))
+            if len(new) > len(values) // _MAX_NEW_SHARE:
+                return None
+            new.sort()
+            if resources:
+                result.extension = Extension(earliest_ms, tuple(resources))
+                tracked += len(resources)
         taken = self._take_new(data, raws, new, bounds, result) if new else 0
         if taken is None:
             return None

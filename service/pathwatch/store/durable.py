@@ -7,6 +7,10 @@ without decoding a key or queueing a write. The writer adds entries only after t
 made them durable, from the key states it just wrote or read, so an entry never claims more
 than the store holds.
 
+At a minute boundary (the collector's 60 s interval: every scrape), a resource durable for
+the minute just before the request's is an *extension*: its keys (kept with the entry) are
+handed to the store, which logs the new minute instead of rewriting records (store/extend.py).
+
 Value per resource: ``floor_ms * 2 + tracked``. Points at or after `floor_ms` and inside its
 minute add nothing (`floor_ms` is the minute's start, or the key's first_seen when that falls
 inside the minute, so an earlier point still moves first_seen). `tracked` tells whether the
@@ -26,30 +30,40 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pathwatch.clock import MINUTE_MS
+from pathwatch.observations import RuleKey
+
+Entry = tuple[int, int, tuple[RuleKey, ...]]  # fingerprint, value, the resource's keys
 
 
 class DurableResources:
     def __init__(self, capacity: int) -> None:
         self._entries: dict[int, int] = {}
+        self._keys: dict[int, tuple[RuleKey, ...]] = {}
         self._capacity = max(0, capacity)
         self.get = self._entries.get
+        self.keys_of = self._keys.get
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, entries: Iterable[tuple[int, int]]) -> None:
+    def add(self, entries: Iterable[Entry]) -> None:
         if self._capacity == 0:
             return
         data = self._entries
-        for fingerprint, value in entries:
+        keys_of = self._keys
+        for fingerprint, value, keys in entries:
             data.pop(fingerprint, None)  # refreshed entries move to the young end
             data[fingerprint] = value
+            if keys:
+                keys_of[fingerprint] = keys
         if len(data) > self._capacity:
             for stale in list(data)[: len(data) - self._capacity // 2]:
                 data.pop(stale, None)
+                keys_of.pop(stale, None)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._keys.clear()
 
 
 def encode(floor_ms: int, tracked: bool) -> int:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from pathwatch.clock import MINUTE_MS
-from pathwatch.observations import KeyTuple, Mark, ObservationBatch, RuleKey
+from pathwatch.observations import Extension, KeyTuple, Mark, ObservationBatch, RuleKey, Sighting
 from pathwatch.store import durable
 from pathwatch.store import keyspace as ks
 from pathwatch.store.codec import (
@@ -36,6 +36,7 @@ from pathwatch.store.codec import (
 )
 from pathwatch.store.context import ContextIndex, LiveContext, checked_of, with_checked
 from pathwatch.store.db import Batch, Database, StoreError
+from pathwatch.store.extend import LOG_PREFIX, Pending, PendingExtensions, encode_entry, log_key
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory, new_onsets
 
@@ -146,6 +147,11 @@ class ApplyResult:
     # of ticks that had already run (written to the late keyspace for the next tick).
     late_untrusted: int = 0
     late_after_tick: int = 0
+    # Minutes logged instead of written (store/extend.py), and the DurableResources entries
+    # of their resources; extension resources that took the full path, as marks.
+    keys_extended: int = 0
+    extended: tuple[durable.Entry, ...] = ()
+    extension_marks: tuple[Mark, ...] = ()
 
 
 class FirstSeenStore:
@@ -176,6 +182,9 @@ class FirstSeenStore:
         self._cache_keys = max(0, cache_keys)
         self._late_seq = 0
         self._refused_listed: dict[tuple[str, int], int] = {}
+        # Minutes logged and not folded into their records yet (store/extend.py).
+        self.pending = PendingExtensions()
+        self._pending_loaded = False
 
     # -- writes (IngestWriter thread only) -------------------------------------------------
 
@@ -186,8 +195,17 @@ class FirstSeenStore:
         now_ms: int,
         sender_of: Callable[[RuleKey], str] | None = None,
         watermarks: Mapping[str, int] | None = None,
+        extensions: Sequence[Extension] = (),
+        folding: bool = False,
     ) -> ApplyResult:
         """Merge `batch` into the stored records in one atomic, durable write.
+
+        `extensions` bring minutes that directly follow a stored minute of their keys: those
+        arriving on time are logged, not written into records (store/extend.py); the others
+        join the batch. A key of the batch with logged minutes is judged against its record
+        plus those minutes (what a record rewritten for each would hold), and if it is written,
+        they are written with it. With `folding`, the batch names keys whose logged minutes
+        are to be written now, as the writes they stand for.
 
         Minutes already recorded cost a cache or RocksDB read and no write. `sender_of` names
         who sent a key (new-key budgets are charged to it). `watermarks` holds, per rule, the
@@ -199,6 +217,14 @@ class FirstSeenStore:
         wb = Batch()
         written = created = refused = 0
         late_untrusted = late_after_tick = 0
+        # Per key, minutes known to have arrived on time (logged ones): never late.
+        exempt: dict[RuleKey, set[int]] = {}
+        logged: dict[int, list[RuleKey]] = {}
+        extended: list[durable.Entry] = []
+        extension_marks: list[Mark] = []
+        if extensions:
+            batch = self._split(batch, extensions, retention, now_ms, watermarks or {},
+                                logged, extended, extension_marks, exempt)  # fmt: skip
         refused_hour = now_ms // 3_600_000
         hits: list[LimitHit] = []
         streamed: list[StreamHit] = []
@@ -208,6 +234,8 @@ class FirstSeenStore:
         staged: list[tuple[tuple[str, KeyTuple], bytes, KeyState]] = []
         held: dict[tuple[str, KeyTuple], KeyState] = {}
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
+        absorbed: list[RuleKey] = []
+        lookup = self.pending.lookup if len(self.pending) else None
         # Snapshot the cache first: remembering one key below may evict another key of this
         # same batch, which must then still be found (not taken for a new key).
         entries = [self._cache.get(rk) for rk, _ in items]
@@ -218,8 +246,9 @@ class FirstSeenStore:
         missing = [k for e, k in zip(entries, rkeys, strict=True) if e is None]
         loaded = dict(zip(missing, self._db.get_many(missing), strict=True))
         now_min = now_ms // MINUTE_MS
-        for (rule_key, sighting), rkey, entry in zip(items, rkeys, entries, strict=True):
+        for (rule_key, given), rkey, entry in zip(items, rkeys, entries, strict=True):
             rule, key = rule_key
+            sighting = given
             ret = retention[rule]
             old = entry[1] if entry is not None else None
             replaced = False
@@ -229,11 +258,26 @@ class FirstSeenStore:
                 except RecordFormatError as exc:
                     self._quarantine(wb, rule, rkey, raw, str(exc), now_ms)
                     replaced = True
+            # Logged minutes (store/extend.py): indexes are written against the record
+            # (`stored`), every decision is taken against the record plus the logged minutes.
+            stored = old
+            found = lookup(rule_key) if lookup is not None else None
+            logged_minutes: list[int] = []
+            if found:
+                logged_minutes = [m for p in found for m in p.minutes()]
+                if folding:
+                    sighting = Sighting(set(logged_minutes), min(p.first_ms for p in found),
+                                        max(p.last_ms for p in found))  # fmt: skip
+                    exempt.setdefault(rule_key, set()).update(logged_minutes)
+                    logged_minutes = []
+                else:
+                    old = self._overlaid(rule_key, stored, found)
             # Points inside minutes already recorded change nothing that evaluation reads; not
             # rewriting for them is what keeps writes at one per key per minute, not per scrape.
             # (So last_seen trails the latest point by less than a minute; first_seen is exact.)
             # Minutes whose end lies more than the trusted lateness before now: untrusted.
             late_before = (now_ms - ret.lateness_ms) // MINUTE_MS if ret.lateness_ms else -1
+            on_time_known = exempt.get(rule_key, ())
             has_late = sighting.first_ms < late_before * MINUTE_MS
             if (
                 old is not None
@@ -242,13 +286,17 @@ class FirstSeenStore:
                 and not (
                     old.untrusted.runs
                     and any(
-                        m >= late_before and old.untrusted.observed(m, m + 1)
+                        (m >= late_before or m in on_time_known)
+                        and old.untrusted.observed(m, m + 1)
                         for m in sighting.minutes
                     )
                 )
             ):
-                self._remember(rule_key, rkey, old)
+                if stored is not None:
+                    self._remember(rule_key, rkey, stored)
                 held[rule_key] = old
+                if found and folding:
+                    absorbed.append(rule_key)  # the record holds them already
                 continue
             horizon = now_min - ret.horizon_minutes
             minutes = [m for m in sighting.minutes if m >= horizon]
@@ -271,10 +319,16 @@ class FirstSeenStore:
             untrusted = old.untrusted if old else _NO_HISTORY
             if has_late or untrusted.runs:
                 fresh_late = [
-                    m for m in minutes if m < late_before and not old_hist.observed(m, m + 1)
+                    m
+                    for m in minutes
+                    if m < late_before
+                    and m not in on_time_known
+                    and not old_hist.observed(m, m + 1)
                 ]
                 late_untrusted += len(fresh_late)
-                on_time = PresenceHistory.of_minutes(m for m in minutes if m >= late_before)
+                on_time = PresenceHistory.of_minutes(
+                    m for m in minutes if m >= late_before or m in on_time_known
+                )
                 untrusted = untrusted.with_minutes(fresh_late).without(on_time)
                 if untrusted.runs:
                     # Gaps that trimming joined were never observed: never trusted either.
@@ -283,7 +337,13 @@ class FirstSeenStore:
             mark_before = 0
             if watermarks and sighting.first_ms < watermarks.get(rule, 0):
                 mark_before = watermarks[rule] // MINUTE_MS
-                after = [m for m in minutes if m < mark_before and not old_hist.observed(m, m + 1)]
+                after = [
+                    m
+                    for m in minutes
+                    if m < mark_before
+                    and m not in on_time_known
+                    and not old_hist.observed(m, m + 1)
+                ]
                 late_after_tick += len(after)
             if old is None:
                 self._note_entities(rule, key, sighting.first_ms, new_entities, wb)
@@ -304,15 +364,18 @@ class FirstSeenStore:
             # The activity index skips a key by its first_seen only while it is trusted.
             first_value = ks.u64(first_ms) if not untrusted.runs else b""
             index_floor = (now_min - ret.index_minutes) // MINUTES_PER_HOUR
-            for hour in {m // MINUTES_PER_HOUR for m in minutes}:
-                if hour >= index_floor and not old_hist.observed(
+            stored_hist = stored.history if stored is not None else _NO_HISTORY
+            for hour in {m // MINUTES_PER_HOUR for m in [*minutes, *logged_minutes]}:
+                if hour >= index_floor and not stored_hist.observed(
                     hour * MINUTES_PER_HOUR, (hour + 1) * MINUTES_PER_HOUR
                 ):
                     # The value is first_seen at write time: a real observation, so a key
                     # whose value lies in a baseline was observed there (see active_except...).
                     wb.put(ks.activity_key(rule, hour, encoded_key), first_value)
-            index_writes(wb, rule, encoded_key, old, state, ret, now_min)
+            index_writes(wb, rule, encoded_key, stored, state, ret, now_min)
             staged.append((rule_key, rkey, state))
+            if found:
+                absorbed.append(rule_key)
             if ret.stream:
                 fresh = [m for m in minutes if not old_hist.observed(m, m + 1)]
                 m0 = min(fresh, default=None)
@@ -333,6 +396,10 @@ class FirstSeenStore:
         counts = {r: self.key_count(r) + n for r, n in new_per_rule.items()}
         for r, n in counts.items():
             wb.put(ks.meta_key(f"keys:{r}"), str(n).encode())
+        seq = self.pending.seq
+        for time_ms, rule_keys in logged.items():
+            seq += 1
+            wb.put(log_key(seq), encode_entry(time_ms, rule_keys))
         try:
             self._db.commit(wb)
         except StoreError:
@@ -343,6 +410,15 @@ class FirstSeenStore:
             self.context.forget()
             raise
         self._counts.update(counts)
+        if absorbed:
+            self.pending.discard(absorbed)
+        if logged:
+            add = self.pending.add
+            for time_ms, rule_keys in logged.items():
+                minute = time_ms // MINUTE_MS
+                for rk in rule_keys:
+                    add(rk, minute, time_ms)
+            self.pending.seq = seq
         for rule_key, rkey, state in staged:
             self._remember(rule_key, rkey, state)
             held[rule_key] = state
@@ -358,6 +434,141 @@ class FirstSeenStore:
             held,
             late_untrusted,
             late_after_tick,
+            sum(len(v) for v in logged.values()),
+            tuple(extended),
+            tuple(extension_marks),
+        )
+
+    def _split(
+        self,
+        batch: ObservationBatch,
+        extensions: Sequence[Extension],
+        retention: Mapping[str, Retention],
+        now_ms: int,
+        watermarks: Mapping[str, int],
+        logged: dict[int, list[RuleKey]],
+        extended: list[durable.Entry],
+        marks: list[Mark],
+        exempt: dict[RuleKey, set[int]],
+    ) -> ObservationBatch:
+        """Sort `extensions` into minutes to log (`logged`, by timestamp) and observations
+        for the full write (returned with `batch`). A minute is logged when, for every rule of
+        its resource, it arrived on time and after the rule's latest evaluated tick; the
+        receiver vouched that the minute before is stored and trusted (DurableResources).
+        A key that is also written in full by this batch takes its minute in that write."""
+        out: ObservationBatch | None = None
+        for ext in extensions:
+            time_ms = ext.time_ms
+            minute = time_ms // MINUTE_MS
+            for fingerprint, keys in ext.resources:
+                blind = True
+                for rule, _ in keys:
+                    ret = retention.get(rule)
+                    if ret is None:
+                        continue
+                    if (
+                        ret.lateness_ms and minute < (now_ms - ret.lateness_ms) // MINUTE_MS
+                    ) or time_ms < watermarks.get(rule, 0):
+                        blind = False
+                        break
+                if blind:
+                    value = durable.encode(minute * MINUTE_MS, True)
+                    extended.append((fingerprint, value, keys))
+                    logged.setdefault(time_ms, []).extend(k for k in keys if k[0] in retention)
+                    continue
+                if out is None:
+                    out = dict(batch)
+                for rk in keys:
+                    had = out.get(rk)
+                    s = Sighting(set(had.minutes), had.first_ms, had.last_ms) if had else Sighting()
+                    out[rk] = s
+                    s.add(time_ms)
+                marks.append(Mark(fingerprint, minute, time_ms, keys))
+        if out is None:
+            out = batch
+        if logged and out:
+            for time_ms, rule_keys in list(logged.items()):
+                kept: list[RuleKey] = []
+                for rk in rule_keys:
+                    full = out.get(rk)
+                    if full is None:
+                        kept.append(rk)
+                        continue
+                    both = out[rk] = Sighting(set(full.minutes), full.first_ms, full.last_ms)
+                    both.add(time_ms)
+                    exempt.setdefault(rk, set()).add(time_ms // MINUTE_MS)
+                if kept:
+                    logged[time_ms] = kept
+                else:
+                    del logged[time_ms]
+        return out
+
+    # -- minute extensions: recovery, fold, overlay ------------------------------------------
+
+    def load_pending(self) -> int:
+        """Read the extension log back into memory (once per process); returns the minutes it
+        held. The writer calls it before its first write; offline readers before reading."""
+        if self._pending_loaded:
+            return 0
+        self._pending_loaded = True
+        return self.pending.load(self._db.scan_prefix(LOG_PREFIX))
+
+    def fold(
+        self,
+        limit: int,
+        retention: Mapping[str, Retention],
+        now_ms: int,
+        watermarks: Mapping[str, int] | None = None,
+    ) -> ApplyResult | None:
+        """Write up to `limit` keys' logged minutes into their records (starting a fold cycle
+        when none runs); once a cycle is done, delete the log entries it covered. None when
+        nothing was pending. Writer thread only; StoreError leaves everything pending."""
+        pending = self.pending
+        if not pending.folding:
+            if not pending.fresh:
+                if not len(pending) and pending.seq > pending.cleared:
+                    # Every logged minute went into records with a full write of its key.
+                    self._db.delete_range(log_key(0), log_key(pending.seq + 1))
+                    pending.cleared = pending.seq
+                return None
+            pending.start_cycle()
+        chunk = pending.take(limit)
+        result = None
+        if chunk:
+            batch: ObservationBatch = {rk: Sighting() for rk in chunk}
+            try:
+                result = self.apply(batch, retention, now_ms, watermarks=watermarks, folding=True)
+            except StoreError:
+                pending.settle(False)
+                raise
+            pending.settle(True)
+        done = pending.cycle_done()
+        if done is not None:
+            self._db.delete_range(log_key(0), log_key(done + 1))
+        return result
+
+    def fold_all(self, retention: Mapping[str, Retention], now_ms: int) -> None:
+        """Fold everything logged so far (before reading records behind the store's back)."""
+        while self.pending.unfolded:
+            self.fold(10_000, retention, now_ms)
+
+    def _overlaid(
+        self, rule_key: RuleKey, state: KeyState | None, found: list[Pending]
+    ) -> KeyState | None:
+        """`state` with the key's logged minutes (`found`, looked up before it was read)."""
+        minutes = [m for p in found for m in p.minutes()]
+        if not minutes:
+            return state
+        first = min(p.first_ms for p in found)
+        last = max(p.last_ms for p in found)
+        added = PresenceHistory.of_minutes(minutes)
+        if state is None:
+            return KeyState(first, last, added)
+        return KeyState(
+            min(state.first_seen_ms, first),
+            max(state.last_seen_ms, last),
+            state.history.union(added),
+            state.untrusted.without(added) if state.untrusted.runs else state.untrusted,
         )
 
     def _quarantine(
@@ -474,12 +685,12 @@ class FirstSeenStore:
     @staticmethod
     def durable_entries(
         marks: Iterable[Mark], states: Mapping[tuple[str, KeyTuple], KeyState]
-    ) -> list[tuple[int, int]]:
+    ) -> list[durable.Entry]:
         """DurableResources entries for `marks` whose keys the store holds at the mark's
         minute, judged by `states` (ApplyResult.states of the commit that made them durable):
         a mark whose key is not there or not stored for that minute (refused, beyond the
         horizon) gives no entry. Writer thread only, right after that commit."""
-        out: list[tuple[int, int]] = []
+        out: list[durable.Entry] = []
         for mark in marks:
             floor = mark.minute * MINUTE_MS
             for rule_key in mark.keys:
@@ -491,7 +702,8 @@ class FirstSeenStore:
                 floor = max(floor, state.first_seen_ms)
             else:
                 if floor <= mark.earliest_ms:
-                    out.append((mark.fingerprint, durable.encode(floor, bool(mark.keys))))
+                    value = durable.encode(floor, bool(mark.keys))
+                    out.append((mark.fingerprint, value, mark.keys))
         return out
 
     def set_context_fields(self, rule: str, key_fields: tuple[str, ...]) -> None:
@@ -582,8 +794,10 @@ class FirstSeenStore:
     # -- reads (any thread) ----------------------------------------------------------------
 
     def get(self, rule: str, key: KeyTuple) -> KeyState | None:
+        found = self.pending.lookup((rule, key)) if len(self.pending) else []
         raw = self._db.get(ks.record_key(rule, encode_key(key)))
-        return None if raw is None else decode_state(raw)
+        state = None if raw is None else decode_state(raw)
+        return self._overlaid((rule, key), state, found) if found else state
 
     def active(
         self, rule: str, start_min: int, end_min: int
@@ -632,6 +846,14 @@ class FirstSeenStore:
     ) -> Iterator[tuple[KeyTuple, KeyState]]:
         prefix = ks.record_prefix(rule)
         lo, hi = skip
+        # Logged minutes are looked up before the records are read (store/extend.py).
+        found: dict[bytes, tuple[KeyTuple, list[Pending]]] = {}
+        if len(self.pending):
+            for enc in encoded:
+                key = decode_key(enc)
+                hits = self.pending.lookup((rule, key))
+                if hits:
+                    found[enc] = (key, hits)
         for enc, raw in zip(encoded, self._db.get_many([prefix + e for e in encoded]), strict=True):
             if raw is None:
                 continue
@@ -644,7 +866,14 @@ class FirstSeenStore:
                 # left out of evaluation rather than failing the whole rule.
                 log.error("unreadable key record skipped", rule=rule, reason=str(exc))
                 continue
-            yield decode_key(enc), state
+            hit = found.get(enc)
+            if hit is not None:
+                key, hits = hit
+                overlaid = self._overlaid((rule, key), state, hits)
+                assert overlaid is not None
+                yield key, overlaid
+            else:
+                yield decode_key(enc), state
 
     def new_candidates(
         self, rule: str, start_min: int, end_min: int, gap_minutes: int
@@ -685,7 +914,10 @@ class FirstSeenStore:
         """Every stored key of `rule` (a full scan: for `inspect`, never for evaluation)."""
         prefix = ks.record_prefix(rule)
         for raw, value in self._db.scan_prefix(prefix):
-            yield decode_key(raw[len(prefix) :]), decode_state(value)
+            key = decode_key(raw[len(prefix) :])
+            state = decode_state(value)
+            found = self.pending.lookup((rule, key)) if len(self.pending) else []
+            yield key, (self._overlaid((rule, key), state, found) or state) if found else state
 
     def count_keys(self, rule: str) -> int:
         return sum(1 for _ in self._db.scan_prefix(ks.record_prefix(rule), values=False))
@@ -726,7 +958,10 @@ class FirstSeenStore:
                 except RecordFormatError as exc:
                     log.error("unreadable key record not expired", rule=rule, reason=str(exc))
                     continue
-                if state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) <= day:
+                if state.last_seen_ms // (
+                    MINUTES_PER_DAY * MINUTE_MS
+                ) <= day and not self.pending.lookup((rule, decode_key(encoded))):
+                    # (A key with logged minutes was seen lately: its fold writes a new entry.)
                     wb.delete(rkey)
                     self._cache.pop((rule, decode_key(encoded)), None)
                     deleted += 1

@@ -20,6 +20,8 @@
 - ``Q rule 0x00 key`` -> JSON {reason, at_ms, record (hex)}: a key record that could not be
   read, set aside; the key starts a new history (so it can alert again, never stay hidden)
 - ``C kind ...`` -> exact context counts for ``P`` / ``N`` (context.py), written with them
+- ``W seq:u64be`` -> logged minutes: timestamp + compressed keys (extend.py), deleted once
+  folded into their ``R`` records
 - ``M name`` -> metadata (first start, sequence numbers, per rule ``keys:``, ``onsets:``,
   ``rule-seen:``; ``context:counted``)
 

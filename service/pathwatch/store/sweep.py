@@ -50,6 +50,7 @@ OWNERS: tuple[Owner, ...] = (
     Owner("Z", "writer (late minutes)", "consumed by the rule's next tick"),
     Owner("F", "writer (refused keys)", "consumed by the next tick; hours past the horizon"),
     Owner("Q", "writer (unreadable records)", "quarantined longer than the horizon ago"),
+    Owner("W", "writer (logged minutes)", "folded into R records: store.fold_interval"),
     Owner("M", "store, alert log", "per-rule entries with the rule; the rest are a few bytes"),
 )
 # Keyspaces scoped by rule: all removed together once a rule is neither configured nor

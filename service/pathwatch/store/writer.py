@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from pathwatch.clock import Clock
-from pathwatch.observations import Mark, ObservationBatch, RuleKey, merge_into
+from pathwatch.clock import MINUTE_MS, Clock
+from pathwatch.observations import Extension, Mark, ObservationBatch, RuleKey, Sighting, merge_into
 from pathwatch.store.db import StoreError
 from pathwatch.store.durable import DurableResources
-from pathwatch.store.firstseen import FirstSeenStore, Retention, StreamHit
+from pathwatch.store.firstseen import ApplyResult, FirstSeenStore, Retention, StreamHit
 from pathwatch.store.guard import LimitHit
 from pathwatch.store.sweep import KeyspaceSweeper
 from pathwatch.telemetry.metrics import Metrics
@@ -56,6 +56,9 @@ class TickWatermarks:
     def snapshot(self) -> dict[str, int]:
         """Call with `lock` held."""
         return dict(self._through)
+
+
+_Item = tuple[ObservationBatch, "Ticket", Sequence[Mark], str, Extension | None]
 
 
 class _Job:
@@ -97,10 +100,16 @@ class Ticket:
         self._done.set()
 
 
+FOLD_CHUNK = 2_000  # keys folded between two group commits (~50 ms of writer time)
+FOLD_RETRY_S = 5.0  # after a fold the store refused
+
+
 @dataclass(frozen=True, slots=True)
 class WriterConfig:
     max_pending_keys: int = 50_000
     expiry_interval_s: float = 3600.0
+    # Logged minutes are folded into key records this often (store/extend.py); 0 logs none.
+    fold_interval_s: float = 600.0
 
 
 class IngestWriter:
@@ -134,7 +143,7 @@ class IngestWriter:
         self._metrics = metrics
         self._config = config or WriterConfig()
         self._cond = threading.Condition()
-        self._queue: deque[tuple[ObservationBatch, Ticket, Sequence[Mark], str]] = deque()
+        self._queue: deque[_Item] = deque()
         self._pending = 0
         self._jobs: deque[_Job] = deque()
         self._stopping = False
@@ -143,6 +152,8 @@ class IngestWriter:
         self._exited.set()  # not running yet
         self._down = False  # the loop died and has not restarted: submit refuses at once
         self._next_expiry = 0.0
+        self._next_fold = 0.0
+        self._fold_retry_at = 0.0
         self.last_error: str | None = None
 
     @property
@@ -164,15 +175,28 @@ class IngestWriter:
         self._thread.start()
 
     def submit(
-        self, batch: ObservationBatch, marks: Sequence[Mark] = (), sender: str = ""
+        self,
+        batch: ObservationBatch,
+        marks: Sequence[Mark] = (),
+        sender: str = "",
+        extension: Extension | None = None,
     ) -> Ticket:
-        """Queue `batch` for a durable write. Never blocks; raises Backpressure when full.
+        """Queue `batch` (and `extension`, minutes to log) for a durable write. Never blocks;
+        raises Backpressure when full.
 
         Once the write is durable, `marks` (resources seen in one minute) go to the
         DurableResources, so that the next scrapes of those resources in that minute skip
         decoding and writing."""
-        ticket = Ticket(len(batch))
-        if not batch:
+        if extension is not None and self._config.fold_interval_s <= 0:
+            batch = dict(batch)  # logging is off: the minutes are written like any other
+            t = extension.time_ms
+            for _, keys in extension.resources:
+                for rk in keys:
+                    merge_into(batch, {rk: Sighting({t // MINUTE_MS}, t, t)})
+            extension = None
+        size = len(batch) + (len(extension) if extension is not None else 0)
+        ticket = Ticket(size)
+        if not batch and extension is None:
             if marks and self._durable is not None:  # resources that yield no key
                 self._durable.add(self._store.durable_entries(marks, {}))
             ticket._finish(None)
@@ -182,10 +206,10 @@ class IngestWriter:
                 raise Backpressure("pathwatch is shutting down")
             if self._down:
                 raise Backpressure(f"the store writer is restarting after: {self.last_error}")
-            if self._pending + len(batch) > self._config.max_pending_keys and self._pending > 0:
+            if self._pending + size > self._config.max_pending_keys and self._pending > 0:
                 raise Backpressure(f"write queue full ({self._pending} keys pending)")
-            self._queue.append((batch, ticket, marks, sender))
-            self._pending += len(batch)
+            self._queue.append((batch, ticket, marks, sender, extension))
+            self._pending += size
             self._metrics.store_pending_keys.set(self._pending)
             self._cond.notify()
         return ticket
@@ -199,14 +223,21 @@ class IngestWriter:
         """
         self._exited.clear()
         self._next_expiry = self._clock.monotonic() + 60.0
+        self._next_fold = self._clock.monotonic() + self._config.fold_interval_s
         with self._cond:
             if self._down:
                 self._down, self.last_error = False, None
-        items: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]] = []
+        items: list[_Item] = []
         try:
+            self._recover()
             while True:
                 with self._cond:
-                    if not self._queue and not self._jobs and not self._stopping:
+                    if (
+                        not self._queue
+                        and not self._jobs
+                        and not self._stopping
+                        and not self._fold_due()
+                    ):
                         self._cond.wait(timeout=1.0)
                     items = list(self._queue)
                     self._queue.clear()
@@ -216,8 +247,12 @@ class IngestWriter:
                 if items:
                     self._write(items)
                     items = []
+                if jobs:
+                    self._fold_everything()  # a job may read records behind the store's back
                 for job in jobs:
                     job.run()
+                if not stopping and self._fold_due():
+                    self._fold_step()
                 if not stopping and self._clock.monotonic() >= self._next_expiry:
                     self._expire()
                 if stopping and not items:
@@ -245,9 +280,7 @@ class IngestWriter:
             raise job.error
         return job.result
 
-    def _fail_all(
-        self, taken: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]], exc: BaseException
-    ) -> None:
+    def _fail_all(self, taken: list[_Item], exc: BaseException) -> None:
         error = WriteFailed(f"the store writer failed: {type(exc).__name__}: {exc}")
         with self._cond:
             self._down = True
@@ -256,22 +289,23 @@ class IngestWriter:
             self._queue.clear()
             self._pending = 0
             self._metrics.store_pending_keys.set(0)
-        for _, ticket, _, _ in [*taken, *queued]:
+        for _, ticket, _, _, _ in [*taken, *queued]:
             if not ticket.wait(0):
                 ticket._finish(error)
 
-    def _write(self, items: list[tuple[ObservationBatch, Ticket, Sequence[Mark], str]]) -> None:
+    def _write(self, items: list[_Item]) -> None:
         if len(items) == 1:
             merged = items[0][0]  # the common case under light load: nothing to merge
         else:
             merged = {}
-            for batch, _, _, _ in items:
+            for batch, _, _, _, _ in items:
                 merge_into(merged, batch)
+        extensions = [ext for _, _, _, _, ext in items if ext is not None]
 
         def sender_of(rk: RuleKey) -> str:
             """The first sender that brought `rk`: asked for new keys only, which are rare,
             so nothing is built per write on the hot path."""
-            for batch, _, _, sender in items:
+            for batch, _, _, sender, _ in items:
                 if rk in batch:
                     return sender
             return ""
@@ -286,6 +320,7 @@ class IngestWriter:
                     self._clock.now_ms(),
                     sender_of,
                     self.watermarks.snapshot(),
+                    extensions,
                 )
         except StoreError as exc:
             error = WriteFailed(str(exc))
@@ -300,38 +335,110 @@ class IngestWriter:
             if self._durable is not None:
                 self._durable.add(
                     self._store.durable_entries(
-                        (m for _, _, marks, _ in items for m in marks), result.states
+                        [
+                            *(m for _, _, marks, _, _ in items for m in marks),
+                            *result.extension_marks,
+                        ],
+                        result.states,
                     )
                 )
-            self._metrics.store_keys_written.inc(result.keys_written)
-            self._metrics.store_keys_created.inc(result.keys_created)
-            if result.late_untrusted:
-                self._metrics.late_points.labels(outcome="untrusted").inc(result.late_untrusted)
-            if result.late_after_tick:
-                self._metrics.late_points.labels(outcome="after_tick").inc(result.late_after_tick)
-            if result.keys_refused:
-                self._metrics.keys_refused.inc(result.keys_refused)
-            if result.limit_hits:
-                for hit in result.limit_hits:
-                    self._metrics.key_limit_hits.labels(scope=hit.scope).inc()
-                    log.warning("new-key limit reached", rule=hit.rule_id, host=hit.host,
-                                sender=hit.sender, limit=hit.limit)  # fmt: skip
-                try:
-                    self._on_limit(result.limit_hits)
-                except Exception:
-                    log.exception("cannot record the new-key limit alert")
-            if result.stream_hits:
-                # The scheduled tick re-finds these if this fails: it is the safety net.
-                try:
-                    self._on_stream(result.stream_hits)
-                except Exception:
-                    log.exception("cannot record stream alerts; the next tick will")
+                self._durable.add(result.extended)
+            self._account(result)
             self._metrics.store_write_seconds.observe(self._clock.monotonic() - started)
         with self._cond:
-            self._pending -= sum(t.size for _, t, _, _ in items)
+            self._pending -= sum(t.size for _, t, _, _, _ in items)
             self._metrics.store_pending_keys.set(self._pending)
-        for _, ticket, _, _ in items:
+        for _, ticket, _, _, _ in items:
             ticket._finish(error)
+
+    def _account(self, result: ApplyResult) -> None:
+        """Metrics, limit and stream alerts of a committed write (a group commit or a fold)."""
+        self._metrics.store_minutes_logged.inc(result.keys_extended)
+        self._metrics.store_keys_pending_fold.set(len(self._store.pending))
+        self._metrics.store_keys_written.inc(result.keys_written)
+        self._metrics.store_keys_created.inc(result.keys_created)
+        if result.late_untrusted:
+            self._metrics.late_points.labels(outcome="untrusted").inc(result.late_untrusted)
+        if result.late_after_tick:
+            self._metrics.late_points.labels(outcome="after_tick").inc(result.late_after_tick)
+        if result.keys_refused:
+            self._metrics.keys_refused.inc(result.keys_refused)
+        if result.limit_hits:
+            for hit in result.limit_hits:
+                self._metrics.key_limit_hits.labels(scope=hit.scope).inc()
+                log.warning("new-key limit reached", rule=hit.rule_id, host=hit.host,
+                            sender=hit.sender, limit=hit.limit)  # fmt: skip
+            try:
+                self._on_limit(result.limit_hits)
+            except Exception:
+                log.exception("cannot record the new-key limit alert")
+        if result.stream_hits:
+            # The scheduled tick re-finds these if this fails: it is the safety net.
+            try:
+                self._on_stream(result.stream_hits)
+            except Exception:
+                log.exception("cannot record stream alerts; the next tick will")
+
+    # -- logged minutes (store/extend.py) ---------------------------------------------------
+
+    def _recover(self) -> None:
+        """Read the extension log left by the previous process back into memory, before the
+        first write: its minutes were acknowledged, and are folded like any others."""
+        minutes = self._store.load_pending()
+        if minutes:
+            self._next_fold = self._clock.monotonic()  # fold them from now on
+            log.info("logged minutes recovered", minutes=minutes,
+                     keys=len(self._store.pending))  # fmt: skip
+        self._metrics.store_keys_pending_fold.set(len(self._store.pending))
+
+    def _fold_due(self) -> bool:
+        """A fold cycle runs, or is due: `fold_interval` passed, or as many minutes were
+        logged as a key scraped every minute logs in that time (so the fold's cost per
+        minute is the same whether ten minutes take ten minutes or, replayed, seconds)."""
+        pending = self._store.pending
+        now = self._clock.monotonic()
+        if not pending.unfolded or now < self._fold_retry_at:
+            return False
+        if pending.folding or now >= self._next_fold:
+            return True
+        per_key = max(1.0, self._config.fold_interval_s / 60.0)
+        return pending.fresh_minutes >= per_key * max(1, len(pending.fresh))
+
+    def _fold_step(self) -> None:
+        """Fold one chunk of logged minutes into their records (one fold cycle is many
+        steps, each between two group commits, so ingest never waits for a whole fold)."""
+        started = self._clock.monotonic()
+        try:
+            with self.watermarks.lock:
+                result = self._store.fold(
+                    FOLD_CHUNK,
+                    self._retention(),
+                    self._clock.now_ms(),
+                    self.watermarks.snapshot(),
+                )
+        except StoreError as exc:
+            self._metrics.store_write_errors.inc()
+            log.error("fold of logged minutes failed; retried", error=str(exc),
+                      retry_in_s=FOLD_RETRY_S)  # fmt: skip
+            self._fold_retry_at = self._clock.monotonic() + FOLD_RETRY_S
+            return
+        finally:
+            self._metrics.store_fold_seconds.inc(self._clock.monotonic() - started)
+        if result is not None:
+            self._account(result)
+        if not self._store.pending.folding:
+            self._next_fold = self._clock.monotonic() + self._config.fold_interval_s
+        self._metrics.store_keys_pending_fold.set(len(self._store.pending))
+
+    def _fold_everything(self) -> None:
+        """Fold all logged minutes now (before a job that reads records directly)."""
+        pending = self._store.pending
+        while pending.unfolded:
+            before = (len(pending), pending.cleared)
+            self._next_fold = self._fold_retry_at = 0.0
+            self._fold_step()
+            if (len(pending), pending.cleared) == before and not pending.folding:
+                break  # the store refuses: the job runs on what is written
 
     def _expire(self) -> None:
         """The hourly sweep, on the writer thread (it rewrites what `apply` writes): with a

@@ -110,6 +110,22 @@ class Metrics:
         self.store_keys_created = self._counter(
             "pathwatch_store_keys_created_total", "Keys stored for the first time.", ()
         )
+        self.store_minutes_logged = self._counter(
+            "pathwatch_store_minutes_logged_total",
+            "Minutes of running processes logged instead of written into their key records "
+            "(a minute right after a stored one; folded later, see store.fold_interval).",
+            (),
+        )
+        self.store_keys_pending_fold = self._gauge(
+            "pathwatch_store_keys_pending_fold",
+            "Keys with logged minutes not yet folded into their records.",
+            (),
+        )
+        self.store_fold_seconds = self._counter(
+            "pathwatch_store_fold_seconds_total",
+            "Time the writer spent folding logged minutes into key records.",
+            (),
+        )
         self.store_write_errors = self._counter(
             "pathwatch_store_write_errors_total", "Write batches RocksDB refused.", ()
         )
