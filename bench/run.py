@@ -118,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ingest = run_ingest(settings, workdir, service_config(settings, flood_guards=True))
         shutil.rmtree(workdir / "ingest", ignore_errors=True)
+        second = None
+        if settings.second_interval_s > 0:
+            say("ingest", f"again with a scrape every {settings.second_interval_s:g} s")
+            again = dataclasses.replace(settings, interval_s=settings.second_interval_s,
+                                        profile=None)  # fmt: skip
+            config = service_config(again, flood_guards=True)
+            second = run_ingest(again, workdir, config, parse=ingest.parse)
+            shutil.rmtree(workdir / "ingest", ignore_errors=True)
         history = run_history(settings, workdir, service_config(settings, flood_guards=False))
         reference = None
         if settings.reference:
@@ -139,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"== pathwatch benchmark: {size} ==")
     print(report.describe_machine(machine, settings))
-    print(report.describe_workload(settings, ingest, history))
+    print(report.describe_workload(settings, ingest, history, second))
     print()
-    print(report.render_table(report.rows(settings, ingest, history, reference)))
+    print(report.render_table(report.rows(settings, ingest, history, reference, second)))
     for title, top in (
         ("ingest (steady-state fleet)", ingest.profile),
         ("history ingest (new keys)", history.profile),

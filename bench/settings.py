@@ -13,12 +13,14 @@ class Settings:
     # ingest throughput: a steady-state fleet
     nodes: int = 1000
     processes: int = 200
-    interval_s: float = 10.0
+    interval_s: float = 60.0  # the collector's hostmetrics default, and deploy/'s
+    second_interval_s: float = 10.0  # the ingest phase again at this interval (0: skip)
     churn: float = 0.005
     concurrency: int = 8
     channels: int = 4
     warmup_s: float = 3.0
-    duration_s: float = 20.0
+    # Long enough for several fold cycles (one per 10 simulated minutes of the fleet).
+    duration_s: float = 120.0
     parse_requests: int = 100
     parse_seconds: float = 10.0
     # memory, evaluation, restart, disk: the stored history
@@ -43,9 +45,9 @@ class Settings:
 
 
 SIZE_FIELDS = frozenset(
-    ("nodes", "processes", "interval_s", "churn", "concurrency", "channels", "warmup_s",
-     "duration_s", "parse_requests", "parse_seconds", "keys", "active", "new_fraction", "days",
-     "short_days", "evaluations", "probe_s", "probe_period_s")
+    ("nodes", "processes", "interval_s", "second_interval_s", "churn", "concurrency",
+     "channels", "warmup_s", "duration_s", "parse_requests", "parse_seconds", "keys", "active",
+     "new_fraction", "days", "short_days", "evaluations", "probe_s", "probe_period_s")
 )  # fmt: skip
 
 QUICK = Settings(
@@ -53,7 +55,7 @@ QUICK = Settings(
     keys=100_000,
     active=2_000,
     warmup_s=1.0,
-    duration_s=5.0,
+    duration_s=10.0,
     parse_requests=20,
     parse_seconds=2.0,
     probe_s=10.0,
@@ -64,6 +66,8 @@ _HELP = {
     "nodes": "nodes in the ingest fleet (each sends one request of --processes per scrape)",
     "processes": "process resources per request (per node scrape)",
     "interval_s": "simulated seconds between two scrapes of a node",
+    "second_interval_s": "the ingest phase again with this interval, for the second row "
+    "(0 skips it)",
     "churn": "share of a node's processes replaced by a new pid at every scrape",
     "concurrency": "Export calls in flight from the load generator",
     "channels": "gRPC connections the load generator spreads its calls over",
