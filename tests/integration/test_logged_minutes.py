@@ -38,8 +38,9 @@ def test_minutes_logged_at_the_60s_interval_survive_kill_9(
     first = now_ms() // 60_000 - 20
     minutes = [first, first + 1, first + 2, first + 3]
     scrape_minutes(svc, minutes)
-    # The first scrape writes six new keys; the next three only log their minute.
-    assert sample(svc, "pathwatch_store_minutes_logged_total") == 18
+    # The first scrape writes six new keys, the second their next minute (now known to be
+    # running processes); the next two only log their minute.
+    assert sample(svc, "pathwatch_store_minutes_logged_total") == 12
     assert sample(svc, "pathwatch_store_keys_pending_fold") == 6
     before = keys(svc)
     assert before["/srv/app/worker-0"]["presence"] == [[iso(first * 60_000),
@@ -49,7 +50,7 @@ def test_minutes_logged_at_the_60s_interval_survive_kill_9(
 
     svc = service_factory(data).start()
     # Read back from the log before any write, then folded at once (they are old).
-    wait_until(lambda: any("logged minutes recovered" in line and '"minutes": 18' in line
+    wait_until(lambda: any("logged minutes recovered" in line and '"minutes": 12' in line
                            for line in svc.lines), timeout=10)  # fmt: skip
     wait_until(lambda: sample(svc, "pathwatch_store_keys_pending_fold") == 0, timeout=10)
     assert keys(svc) == before
@@ -66,12 +67,12 @@ def test_logged_minutes_are_folded_into_records_and_the_log_emptied(
     data = tmp_path / "data"
     svc = service_factory(data, {"store": {"fold_interval": "1s"}}).start()
     first = now_ms() // 60_000 - 20
-    scrape_minutes(svc, [first, first + 1, first + 2])
+    scrape_minutes(svc, [first, first + 1, first + 2, first + 3])
     assert sample(svc, "pathwatch_store_minutes_logged_total") == 12
     wait_until(lambda: sample(svc, "pathwatch_store_keys_pending_fold") == 0, timeout=15)
     folded = keys(svc)
     assert folded["/srv/app/worker-3"]["presence"] == [[iso(first * 60_000),
-                                                        iso((first + 3) * 60_000)]]  # fmt: skip
+                                                        iso((first + 4) * 60_000)]]  # fmt: skip
     assert svc.stop() == 0
     db = Database(str(data), DatabaseOptions(read_only=True))
     try:

@@ -161,11 +161,13 @@ def test_a_repeated_scrape_takes_the_fast_path_and_a_new_minute_does_not(tmp_pat
         again = pipe.export(build(scrape, 0))
         assert not again.batch and not again.marks  # answered by the fast path
         assert (again.resources_tracked, again.points_accepted) == (4, 12)
-        later = pipe.export(build(scrape, 1))  # the next minute: logged, not decoded
-        assert not later.batch and later.extension is not None
-        assert len(later.extension.resources) == 4
+        later = pipe.export(build(scrape, 1))  # the next minute: written, keys kept
+        assert len(later.batch) == 4
+        third = pipe.export(build(scrape, 2))  # a running process: logged, not decoded
+        assert not third.batch and third.extension is not None
+        assert len(third.extension.resources) == 4
         state = pipe.store.get(PARITY_RULE.id, ("node-1", "prod", "node-1", "100", "/bin/a", "a"))
-        assert state is not None and state.history.runs == ((MINUTE0, MINUTE0 + 2),)
+        assert state is not None and state.history.runs == ((MINUTE0, MINUTE0 + 3),)
     finally:
         pipe.db.close()
 

@@ -190,15 +190,16 @@ def test_a_minute_boundary_is_logged_read_back_after_a_crash_and_folded(tmp_path
     ret = retention()
     procs = list(range(6))
     try:
-        first, _ = pipe.export(scrape(procs, 0, [7]), ret)
-        assert len(first.batch) == 6 and first.extension is None
-        for minute in (1, 2, 3):
+        for minute in (0, 1):  # a new process, then a running one: its keys are kept
+            first, _ = pipe.export(scrape(procs, minute, [7]), ret)
+            assert len(first.batch) == 6 and first.extension is None
+        for minute in (2, 3):
             result, _ = pipe.export(scrape(procs, minute, [7]), ret)
             assert not result.batch and result.extension is not None  # nothing decoded
             assert len(result.extension) == 6
         records = [v for _, v in pipe.db.scan_prefix(ks.record_prefix(RULE))]
         logged = list(pipe.db.scan_prefix(LOG_PREFIX))
-        assert len(logged) == 3 and len(pipe.store.pending) == 6
+        assert len(logged) == 2 and len(pipe.store.pending) == 6
         pipe.reopen()  # kill -9: the records were never rewritten
         assert [v for _, v in pipe.db.scan_prefix(ks.record_prefix(RULE))] == records
         key = ("node-1", "prod", "node-1", "100", "/bin/p0", "p0")
@@ -220,12 +221,14 @@ def test_a_late_minute_boundary_is_written_untrusted_not_logged(tmp_path: Path) 
     pipe = Pipeline(str(tmp_path / "db"), fast=True)
     ret = retention(lateness_minutes=20)  # minutes before MINUTE0 + 10 are late at NOW
     try:
-        pipe.export(scrape([0, 1], 3, [7]), retention())  # trusted (lateness off then)
+        pipe.export(scrape([0, 1], 2, [7]), retention())  # trusted (lateness off then)
+        pipe.export(scrape([0, 1], 3, [7]), retention())
         result, late = pipe.export(scrape([0, 1], 4, [7]), ret)
         assert result.extension is not None  # the receiver vouches; the store decides
         assert late == 2 and not pipe.store.pending
         state = pipe.store.get(RULE, ("node-1", "prod", "node-1", "100", "/bin/p0", "p0"))
         assert state is not None and state.untrusted.runs == ((MINUTE0 + 4, MINUTE0 + 5),)
+        assert state.history.runs == ((MINUTE0 + 2, MINUTE0 + 5),)
     finally:
         pipe.db.close()
 
@@ -235,10 +238,11 @@ def test_a_resource_sent_without_points_is_no_observation(tmp_path: Path) -> Non
     ret = retention()
     try:
         pipe.export(scrape([0, 1, 2, 3, 4], 0, [7]), ret)
-        result, _ = pipe.export(scrape([0, 1, 2, 3, 4], 1, [7], empty=(0,)), ret)
+        pipe.export(scrape([0, 1, 2, 3, 4], 1, [7]), ret)
+        result, _ = pipe.export(scrape([0, 1, 2, 3, 4], 2, [7], empty=(0,)), ret)
         assert result.extension is not None and len(result.extension) == 4
         state = pipe.store.get(RULE, ("node-1", "prod", "node-1", "100", "/bin/p0", "p0"))
-        assert state is not None and state.history.runs == ((MINUTE0, MINUTE0 + 1),)
+        assert state is not None and state.history.runs == ((MINUTE0, MINUTE0 + 2),)
     finally:
         pipe.db.close()
 

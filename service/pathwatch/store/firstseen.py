@@ -689,10 +689,15 @@ class FirstSeenStore:
         """DurableResources entries for `marks` whose keys the store holds at the mark's
         minute, judged by `states` (ApplyResult.states of the commit that made them durable):
         a mark whose key is not there or not stored for that minute (refused, beyond the
-        horizon) gives no entry. Writer thread only, right after that commit."""
+        horizon) gives no entry. Writer thread only, right after that commit.
+
+        The entry keeps the resource's keys (for the next minute's extension, store/extend.py)
+        only when every key was also observed the minute before: a running process. One-off
+        resources (a backfill, a short job) cost no memory for keys."""
         out: list[durable.Entry] = []
         for mark in marks:
             floor = mark.minute * MINUTE_MS
+            running = True
             for rule_key in mark.keys:
                 state = states.get(rule_key)
                 if state is None or not state.history.observed(mark.minute, mark.minute + 1):
@@ -700,10 +705,11 @@ class FirstSeenStore:
                 if state.untrusted.observed(mark.minute, mark.minute + 1):
                     break  # an on-time point of that minute must still reach the store
                 floor = max(floor, state.first_seen_ms)
+                running = running and state.history.observed(mark.minute - 1, mark.minute)
             else:
                 if floor <= mark.earliest_ms:
                     value = durable.encode(floor, bool(mark.keys))
-                    out.append((mark.fingerprint, value, mark.keys))
+                    out.append((mark.fingerprint, value, mark.keys if running else ()))
         return out
 
     def set_context_fields(self, rule: str, key_fields: tuple[str, ...]) -> None:
