@@ -413,11 +413,8 @@ class FirstSeenStore:
         if absorbed:
             self.pending.discard(absorbed)
         if logged:
-            add = self.pending.add
             for time_ms, rule_keys in logged.items():
-                minute = time_ms // MINUTE_MS
-                for rk in rule_keys:
-                    add(rk, minute, time_ms)
+                self.pending.add_many(rule_keys, time_ms // MINUTE_MS, time_ms)
             self.pending.seq = seq
         for rule_key, rkey, state in staged:
             self._remember(rule_key, rkey, state)
@@ -460,20 +457,25 @@ class FirstSeenStore:
         for ext in extensions:
             time_ms = ext.time_ms
             minute = time_ms // MINUTE_MS
+            # Every point of an extension carries its one timestamp: per rule, it is on time
+            # and after the latest tick for all of its resources or for none.
+            late = {
+                rule
+                for rule, ret in retention.items()
+                if (ret.lateness_ms and minute < (now_ms - ret.lateness_ms) // MINUTE_MS)
+                or time_ms < watermarks.get(rule, 0)
+            }
+            value = durable.encode(minute * MINUTE_MS, True)
+            if not late:
+                resources = ext.resources
+                extended.extend((fp, value, ()) for fp, _ in resources)  # keys: kept as they are
+                logged.setdefault(time_ms, []).extend(
+                    [k for _, keys in resources for k in keys if k[0] in retention]
+                )
+                continue
             for fingerprint, keys in ext.resources:
-                blind = True
-                for rule, _ in keys:
-                    ret = retention.get(rule)
-                    if ret is None:
-                        continue
-                    if (
-                        ret.lateness_ms and minute < (now_ms - ret.lateness_ms) // MINUTE_MS
-                    ) or time_ms < watermarks.get(rule, 0):
-                        blind = False
-                        break
-                if blind:
-                    value = durable.encode(minute * MINUTE_MS, True)
-                    extended.append((fingerprint, value, keys))
+                if not any(rule in late for rule, _ in keys):
+                    extended.append((fingerprint, value, ()))
                     logged.setdefault(time_ms, []).extend(k for k in keys if k[0] in retention)
                     continue
                 if out is None:
