@@ -295,8 +295,9 @@ def describe_workload(
             f"({service_defaults()}); the rule's schedule moved off the run (the bench "
             f"evaluates through the API) and its delay 0s (the API refuses a tick before its "
             f"window plus the delay has passed); receiver.max_baseline_lateness 0s (history "
-            f"replayed over OTLP counts as baseline); history phase with the new-key flood "
-            f"guards off (limits.new_keys_per_*: 0)",
+            f"replayed over OTLP counts as baseline); limits.new_keys_per_sender_per_hour 0 "
+            f"(the load generator is one sender for the whole fleet); history phase with the "
+            f"new-key flood guards off (limits.new_keys_per_*: 0)",
         ]
     )
 

@@ -43,6 +43,10 @@ def service_config(settings: Settings, *, flood_guards: bool) -> dict[str, Any]:
     }
     if not flood_guards:
         config["limits"] = {"new_keys_per_host_per_hour": 0, "new_keys_per_hour": 0}
+    # The load generator is one sender (one address) for the whole fleet, where a real fleet
+    # has one per node: the per-sender new-key cap (100,000 an hour) would refuse half of a
+    # 200,000-process fleet, and every scrape of a refused process takes the full path.
+    config.setdefault("limits", {})["new_keys_per_sender_per_hour"] = 0
     return config
 
 
