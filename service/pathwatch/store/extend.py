@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pathwatch.observations import RuleKey, Sighting
+from pathwatch.observations import RuleKey
 from pathwatch.store.codec import decode_key, encode_key
 
 LOG_PREFIX = b"W"
@@ -91,10 +91,6 @@ class Pending:
     first_ms: int
     last_ms: int
 
-    @property
-    def last_minute(self) -> int:
-        return self.runs[-1][1]
-
     def minutes(self) -> Iterator[int]:
         for a, b in self.runs:
             yield from range(a, b + 1)
@@ -110,11 +106,6 @@ class Pending:
             self.runs.sort()
         self.first_ms = min(self.first_ms, time_ms)
         self.last_ms = max(self.last_ms, time_ms)
-
-    def absorb_into(self, sighting: Sighting) -> None:
-        sighting.minutes.update(self.minutes())
-        sighting.first_ms = min(sighting.first_ms, self.first_ms)
-        sighting.last_ms = max(sighting.last_ms, self.last_ms)
 
 
 class PendingExtensions:
@@ -151,14 +142,6 @@ class PendingExtensions:
                 out.append(p)
         return out
 
-    def add(self, rule_key: RuleKey, minute: int, time_ms: int) -> None:
-        p = self.fresh.get(rule_key)
-        if p is None:
-            self.fresh[rule_key] = Pending(rule_key, [[minute, minute]], time_ms, time_ms)
-        else:
-            p.add(minute, time_ms)
-        self.fresh_minutes += 1
-
     def add_many(self, rule_keys: Iterable[RuleKey], minute: int, time_ms: int) -> None:
         """`add` for many keys at once (the writer's hot path: a node's whole scrape)."""
         fresh = self.fresh
@@ -187,19 +170,9 @@ class PendingExtensions:
     # -- folding (writer thread) ---------------------------------------------------------
 
     def start_cycle(self) -> None:
-        """Fold everything pending so far: `fresh` becomes the cycle."""
-        merged = self.cycle
-        for rk, p in self.fresh.items():
-            old = merged.get(rk)
-            if old is None:
-                merged[rk] = p
-            else:
-                for a, b in p.runs:
-                    for m in range(a, b + 1):
-                        old.add(m, p.first_ms)
-                old.last_ms = max(old.last_ms, p.last_ms)
-        self.cycle = merged
-        self.fresh = {}
+        """Fold everything pending so far: `fresh` becomes the cycle (called between cycles,
+        when the cycle is empty)."""
+        self.cycle, self.fresh = self.fresh, {}
         self.fresh_minutes = 0
         self.cycle_seq = self.seq
 
@@ -229,21 +202,15 @@ class PendingExtensions:
     # -- recovery ------------------------------------------------------------------------
 
     def load(self, entries: Iterable[tuple[bytes, bytes]]) -> int:
-        """Read log entries (RocksDB key, value) back into the cycle after a restart; returns
-        how many minutes they held. Call before any write."""
+        """Read log entries (RocksDB key, value) back into memory after a restart, as the
+        cycle to fold first; returns how many minutes they held. Call before any write."""
         minutes = 0
         for raw_key, value in entries:
             (seq,) = _U64.unpack_from(raw_key, 1)
             self.seq = max(self.seq, seq)
             time_ms, rule_keys = decode_entry(value)
-            minute = time_ms // 60_000
-            for rk in rule_keys:
-                p = self.cycle.get(rk)
-                if p is None:
-                    self.cycle[rk] = Pending(rk, [[minute, minute]], time_ms, time_ms)
-                else:
-                    p.add(minute, time_ms)
-                minutes += 1
-        if self.cycle:
-            self.cycle_seq = self.seq
+            self.add_many(rule_keys, time_ms // 60_000, time_ms)
+            minutes += len(rule_keys)
+        if self.fresh:
+            self.start_cycle()
         return minutes

@@ -271,7 +271,7 @@ class FirstSeenStore:
                     exempt.setdefault(rule_key, set()).update(logged_minutes)
                     logged_minutes = []
                 else:
-                    old = self._overlaid(rule_key, stored, found)
+                    old = self._overlaid(stored, found)
             # Points inside minutes already recorded change nothing that evaluation reads; not
             # rewriting for them is what keeps writes at one per key per minute, not per scrape.
             # (So last_seen trails the latest point by less than a minute; first_seen is exact.)
@@ -554,13 +554,10 @@ class FirstSeenStore:
         while self.pending.unfolded:
             self.fold(10_000, retention, now_ms)
 
-    def _overlaid(
-        self, rule_key: RuleKey, state: KeyState | None, found: list[Pending]
-    ) -> KeyState | None:
+    @staticmethod
+    def _overlaid(state: KeyState | None, found: list[Pending]) -> KeyState:
         """`state` with the key's logged minutes (`found`, looked up before it was read)."""
         minutes = [m for p in found for m in p.minutes()]
-        if not minutes:
-            return state
         first = min(p.first_ms for p in found)
         last = max(p.last_ms for p in found)
         added = PresenceHistory.of_minutes(minutes)
@@ -805,7 +802,7 @@ class FirstSeenStore:
         found = self.pending.lookup((rule, key)) if len(self.pending) else []
         raw = self._db.get(ks.record_key(rule, encode_key(key)))
         state = None if raw is None else decode_state(raw)
-        return self._overlaid((rule, key), state, found) if found else state
+        return self._overlaid(state, found) if found else state
 
     def active(
         self, rule: str, start_min: int, end_min: int
@@ -877,9 +874,7 @@ class FirstSeenStore:
             hit = found.get(enc)
             if hit is not None:
                 key, hits = hit
-                overlaid = self._overlaid((rule, key), state, hits)
-                assert overlaid is not None
-                yield key, overlaid
+                yield key, self._overlaid(state, hits)
             else:
                 yield decode_key(enc), state
 
@@ -925,7 +920,7 @@ class FirstSeenStore:
             key = decode_key(raw[len(prefix) :])
             state = decode_state(value)
             found = self.pending.lookup((rule, key)) if len(self.pending) else []
-            yield key, (self._overlaid((rule, key), state, found) or state) if found else state
+            yield key, self._overlaid(state, found) if found else state
 
     def count_keys(self, rule: str) -> int:
         return sum(1 for _ in self._db.scan_prefix(ks.record_prefix(rule), values=False))
