@@ -55,11 +55,12 @@ class Mark:
 @dataclass(frozen=True, slots=True)
 class Extension:
     """Resources of one request whose points all carry `time_ms`, each (by fingerprint, with
-    its keys) durable for the minute before it: the store may log their new minute instead of
-    rewriting their records (store/extend.py). Found by the receiver's fast path."""
+    its keys, encoded as the extension log holds them: store/extend.py `item_of`) durable for
+    the minute before it: the store may log their new minute instead of rewriting their
+    records. Found by the receiver's fast path."""
 
     time_ms: int
-    resources: tuple[tuple[int, tuple[RuleKey, ...]], ...]
+    resources: tuple[tuple[int, tuple[bytes, ...]], ...]
 
     def __len__(self) -> int:
         return sum(len(keys) for _, keys in self.resources)

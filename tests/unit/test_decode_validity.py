@@ -24,6 +24,7 @@ from pathwatch.receiver.decode import (
 )
 from pathwatch.rules.builtin import PARITY_RULE
 from pathwatch.store.durable import DurableResources, encode
+from pathwatch.store.extend import item_of
 from pathwatch.telemetry.metrics import Metrics
 from tests.support import Proc, process_request
 
@@ -401,7 +402,8 @@ def _durable_decoder(data: bytes) -> Decoder:
     decoder = Decoder([PARITY_RULE], durable=durable)
     first = decoder.decode(data, BOUNDS)
     durable.add(
-        (m.fingerprint, encode(m.minute * 60_000, bool(m.keys)), m.keys) for m in first.marks
+        (m.fingerprint, encode(m.minute * 60_000, bool(m.keys)), tuple(map(item_of, m.keys)))
+        for m in first.marks
     )
     return decoder
 

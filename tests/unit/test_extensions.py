@@ -28,7 +28,7 @@ from pathwatch.rules.builtin import PARITY_RULE
 from pathwatch.store import keyspace as ks
 from pathwatch.store.db import Database, DatabaseOptions
 from pathwatch.store.durable import DurableResources
-from pathwatch.store.extend import LOG_PREFIX, decode_entry, encode_entry
+from pathwatch.store.extend import LOG_PREFIX, decode_entry, encode_entry, item_of, rule_key_of
 from pathwatch.store.firstseen import FirstSeenStore, Retention
 from pathwatch.store.writer import IngestWriter, WriterConfig
 from pathwatch.telemetry.metrics import Metrics
@@ -255,7 +255,7 @@ def test_expiry_keeps_a_key_whose_minutes_are_logged(tmp_path: Path) -> None:
     t0 = MINUTE0 * MINUTE_MS
     try:
         store.apply({(RULE, key): Sighting({MINUTE0}, t0, t0)}, short, t0)
-        ext = Extension(t0 + MINUTE_MS, ((1, ((RULE, key),)),))
+        ext = Extension(t0 + MINUTE_MS, ((1, (item_of((RULE, key)),)),))
         assert store.apply({}, short, t0 + MINUTE_MS, extensions=[ext]).keys_extended == 1
         # Four days on, the record alone looks expired; its logged minute is not folded yet
         # (an expiry interval shorter than the fold's): the key stays.
@@ -279,7 +279,8 @@ def test_log_entries_round_trip_any_key(
     time_ms: int, keys: list[tuple[str, tuple[str, ...]]]
 ) -> None:
     """Fields holding NUL (valid UTF-8) or lone surrogates (escaped bytes) survive too."""
-    assert decode_entry(encode_entry(time_ms, keys)) == (time_ms, keys)
+    decoded_ms, items = decode_entry(encode_entry(time_ms, map(item_of, keys)))
+    assert (decoded_ms, [rule_key_of(i) for i in items]) == (time_ms, keys)
 
 
 class TestWriterFolds:
@@ -300,7 +301,7 @@ class TestWriterFolds:
         return writer, store
 
     def _extend(self, writer: IngestWriter, minute: int) -> None:
-        ext = Extension(minute * MINUTE_MS + 7_000, ((1, ((RULE, self.KEY),)),))
+        ext = Extension(minute * MINUTE_MS + 7_000, ((1, (item_of((RULE, self.KEY)),)),))
         ticket = writer.submit({}, extension=ext)
         assert ticket.wait(5) and ticket.error is None
 

@@ -30,15 +30,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pathwatch.clock import MINUTE_MS
-from pathwatch.observations import RuleKey
 
-Entry = tuple[int, int, tuple[RuleKey, ...]]  # fingerprint, value, the resource's keys
+# fingerprint, value, the resource's keys as the extension log holds them (extend.item_of)
+Entry = tuple[int, int, tuple[bytes, ...]]
 
 
 class DurableResources:
     def __init__(self, capacity: int) -> None:
         self._entries: dict[int, int] = {}
-        self._keys: dict[int, tuple[RuleKey, ...]] = {}
+        self._keys: dict[int, tuple[bytes, ...]] = {}
         self._capacity = max(0, capacity)
         self.get = self._entries.get
         self.keys_of = self._keys.get

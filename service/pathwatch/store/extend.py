@@ -31,7 +31,6 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from pathwatch.observations import RuleKey
 from pathwatch.store.codec import decode_key, encode_key
@@ -45,9 +44,10 @@ def log_key(seq: int) -> bytes:
     return LOG_PREFIX + _U64.pack(seq)
 
 
-def _item(rule_key: RuleKey) -> bytes:
-    """A key in a log entry: 0x00 and the rule and fields joined by NUL (the fast common case)
-    or, when a field holds a NUL itself, 0x01 and the record key's length-prefixed encoding."""
+def item_of(rule_key: RuleKey) -> bytes:
+    """A key as the log holds it (and DurableResources keeps it, and pending minutes are
+    filed under it): 0x00 and the rule and fields joined by NUL (the common case), or, when a
+    field holds a NUL itself, 0x01, the rule, NUL and the key's length-prefixed encoding."""
     rule, key = rule_key
     text = "\x00".join((rule, *key))
     if text.count("\x00") == len(key):
@@ -55,7 +55,7 @@ def _item(rule_key: RuleKey) -> bytes:
     return b"\x01" + rule.encode() + b"\x00" + encode_key(key)
 
 
-def _rule_key(item: bytes) -> RuleKey:
+def rule_key_of(item: bytes) -> RuleKey:
     if item[:1] == b"\x00":
         rule, *fields = item[1:].decode("utf-8", "surrogatepass").split("\x00")
         return rule, tuple(fields)
@@ -63,59 +63,65 @@ def _rule_key(item: bytes) -> RuleKey:
     return rule_raw.decode(), decode_key(encoded)
 
 
-def encode_entry(time_ms: int, rule_keys: Iterable[RuleKey]) -> bytes:
+def rule_of(item: bytes) -> bytes:
+    """The rule id of an item, as UTF-8 bytes."""
+    return item[1 : item.index(b"\x00", 1)]
+
+
+def encode_entry(time_ms: int, items: Iterable[bytes]) -> bytes:
     """One log entry: the observations' timestamp and the keys whose minute they extend."""
-    body = b"".join(_U16.pack(len(item)) + item for item in map(_item, rule_keys))
+    body = b"".join(_U16.pack(len(item)) + item for item in items)
     return _U64.pack(time_ms) + zlib.compress(body, 1)
 
 
-def decode_entry(value: bytes) -> tuple[int, list[RuleKey]]:
+def decode_entry(value: bytes) -> tuple[int, list[bytes]]:
     (time_ms,) = _U64.unpack_from(value)
     body = zlib.decompress(value[8:])
-    out: list[RuleKey] = []
+    out: list[bytes] = []
     i = 0
     while i < len(body):
         (n,) = _U16.unpack_from(body, i)
-        out.append(_rule_key(body[i + 2 : i + 2 + n]))
+        out.append(body[i + 2 : i + 2 + n])
         i += 2 + n
     return time_ms, out
 
 
-@dataclass(slots=True)
 class Pending:
-    """A key's minutes awaiting the fold: the runs `runs` (inclusive minute ranges, ordered),
-    the earliest and latest timestamp that brought them."""
+    """A key's minutes awaiting the fold: the run ``[a, b]`` (inclusive) that the minutes of a
+    running process make, any others in `more` (rare), and the earliest and latest timestamp
+    that brought them. Small on purpose: one per live process between two folds."""
 
-    rule_key: RuleKey
-    runs: list[list[int]]
-    first_ms: int
-    last_ms: int
+    __slots__ = ("a", "b", "first_ms", "last_ms", "more")
+
+    def __init__(self, minute: int, time_ms: int) -> None:
+        self.a = self.b = minute
+        self.first_ms = self.last_ms = time_ms
+        self.more: set[int] | None = None
 
     def minutes(self) -> Iterator[int]:
-        for a, b in self.runs:
-            yield from range(a, b + 1)
+        yield from range(self.a, self.b + 1)
+        if self.more:
+            yield from self.more
 
     def add(self, minute: int, time_ms: int) -> None:
-        last = self.runs[-1]
-        if minute == last[1] + 1:
-            last[1] = minute
-        elif minute > last[1]:
-            self.runs.append([minute, minute])
-        elif not any(a <= minute <= b for a, b in self.runs):
-            self.runs.append([minute, minute])
-            self.runs.sort()
+        if minute == self.b + 1:
+            self.b = minute
+        elif not self.a <= minute <= self.b:
+            if self.more is None:
+                self.more = set()
+            self.more.add(minute)
         self.first_ms = min(self.first_ms, time_ms)
         self.last_ms = max(self.last_ms, time_ms)
 
 
 class PendingExtensions:
-    """Logged minutes not folded into their records yet, by (rule, key). Mutated by the writer
+    """Logged minutes not folded into their records yet, by key (`item_of`). Mutated by the writer
     thread only; `lookup` is safe from any thread (single dict reads, see the docstring)."""
 
     def __init__(self) -> None:
-        self.fresh: dict[RuleKey, Pending] = {}
-        self.cycle: dict[RuleKey, Pending] = {}
-        self.inflight: dict[RuleKey, Pending] = {}
+        self.fresh: dict[bytes, Pending] = {}
+        self.cycle: dict[bytes, Pending] = {}
+        self.inflight: dict[bytes, Pending] = {}
         self.seq = 0  # the last log sequence written
         self.cleared = 0  # log entries up to this sequence are deleted
         self.cycle_seq = -1  # log entries up to this one are folded once the cycle is done
@@ -133,39 +139,38 @@ class PendingExtensions:
     def folding(self) -> bool:
         return self.cycle_seq >= 0
 
-    def lookup(self, rule_key: RuleKey) -> list[Pending]:
+    def lookup(self, item: bytes) -> list[Pending]:
         """Every pending entry of the key (at most one per generation)."""
         out = []
         for gen in (self.fresh, self.cycle, self.inflight):
-            p = gen.get(rule_key)
+            p = gen.get(item)
             if p is not None:
                 out.append(p)
         return out
 
-    def add_many(self, rule_keys: Iterable[RuleKey], minute: int, time_ms: int) -> None:
-        """`add` for many keys at once (the writer's hot path: a node's whole scrape)."""
+    def add_many(self, items: Iterable[bytes], minute: int, time_ms: int) -> None:
+        """Add `minute` (brought at `time_ms`) to each key: the writer's hot path, a node's
+        whole scrape at once."""
         fresh = self.fresh
         n = 0
-        for rk in rule_keys:
+        for item in items:
             n += 1
-            p = fresh.get(rk)
+            p = fresh.get(item)
             if p is None:
-                fresh[rk] = Pending(rk, [[minute, minute]], time_ms, time_ms)
-                continue
-            last = p.runs[-1]
-            if minute == last[1] + 1:  # the common case: the next minute of a running process
-                last[1] = minute
+                fresh[item] = Pending(minute, time_ms)
+            elif minute == p.b + 1:  # the common case: the next minute of a running process
+                p.b = minute
                 p.last_ms = max(p.last_ms, time_ms)
             else:
                 p.add(minute, time_ms)
         self.fresh_minutes += n
 
-    def discard(self, rule_keys: Iterable[RuleKey]) -> None:
+    def discard(self, items: Iterable[bytes]) -> None:
         """Forget keys whose pending minutes a commit just wrote into their records."""
-        for rk in rule_keys:
-            self.fresh.pop(rk, None)
-            self.cycle.pop(rk, None)
-            self.inflight.pop(rk, None)
+        for item in items:
+            self.fresh.pop(item, None)
+            self.cycle.pop(item, None)
+            self.inflight.pop(item, None)
 
     # -- folding (writer thread) ---------------------------------------------------------
 
@@ -176,19 +181,19 @@ class PendingExtensions:
         self.fresh_minutes = 0
         self.cycle_seq = self.seq
 
-    def take(self, n: int) -> dict[RuleKey, Pending]:
+    def take(self, n: int) -> dict[bytes, Pending]:
         """Move up to `n` keys of the cycle to `inflight` and return them."""
-        chunk: dict[RuleKey, Pending] = {}
-        for rk in list(self.cycle)[:n]:
-            chunk[rk] = self.inflight[rk] = self.cycle[rk]
-            del self.cycle[rk]
+        chunk: dict[bytes, Pending] = {}
+        for item in list(self.cycle)[:n]:
+            chunk[item] = self.inflight[item] = self.cycle[item]
+            del self.cycle[item]
         return chunk
 
     def settle(self, folded: bool) -> None:
         """After a chunk's commit: forget it (folded) or put it back in the cycle (failed)."""
         if not folded:
-            for rk, p in self.inflight.items():
-                self.cycle.setdefault(rk, p)
+            for item, p in self.inflight.items():
+                self.cycle.setdefault(item, p)
         self.inflight = {}
 
     def cycle_done(self) -> int | None:
@@ -208,9 +213,9 @@ class PendingExtensions:
         for raw_key, value in entries:
             (seq,) = _U64.unpack_from(raw_key, 1)
             self.seq = max(self.seq, seq)
-            time_ms, rule_keys = decode_entry(value)
-            self.add_many(rule_keys, time_ms // 60_000, time_ms)
-            minutes += len(rule_keys)
+            time_ms, items = decode_entry(value)
+            self.add_many(items, time_ms // 60_000, time_ms)
+            minutes += len(items)
         if self.fresh:
             self.start_cycle()
         return minutes

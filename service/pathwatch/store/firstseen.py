@@ -36,7 +36,16 @@ from pathwatch.store.codec import (
 )
 from pathwatch.store.context import ContextIndex, LiveContext, checked_of, with_checked
 from pathwatch.store.db import Batch, Database, StoreError
-from pathwatch.store.extend import LOG_PREFIX, Pending, PendingExtensions, encode_entry, log_key
+from pathwatch.store.extend import (
+    LOG_PREFIX,
+    Pending,
+    PendingExtensions,
+    encode_entry,
+    item_of,
+    log_key,
+    rule_key_of,
+    rule_of,
+)
 from pathwatch.store.guard import LimitHit, NewKeyGuard
 from pathwatch.store.presence import PresenceHistory, new_onsets
 
@@ -219,7 +228,7 @@ class FirstSeenStore:
         late_untrusted = late_after_tick = 0
         # Per key, minutes known to have arrived on time (logged ones): never late.
         exempt: dict[RuleKey, set[int]] = {}
-        logged: dict[int, list[RuleKey]] = {}
+        logged: dict[int, list[bytes]] = {}
         extended: list[durable.Entry] = []
         extension_marks: list[Mark] = []
         if extensions:
@@ -234,7 +243,7 @@ class FirstSeenStore:
         staged: list[tuple[tuple[str, KeyTuple], bytes, KeyState]] = []
         held: dict[tuple[str, KeyTuple], KeyState] = {}
         items = [(rk, s) for rk, s in batch.items() if rk[0] in retention]
-        absorbed: list[RuleKey] = []
+        absorbed: list[bytes] = []
         lookup = self.pending.lookup if len(self.pending) else None
         # Snapshot the cache first: remembering one key below may evict another key of this
         # same batch, which must then still be found (not taken for a new key).
@@ -261,7 +270,8 @@ class FirstSeenStore:
             # Logged minutes (store/extend.py): indexes are written against the record
             # (`stored`), every decision is taken against the record plus the logged minutes.
             stored = old
-            found = lookup(rule_key) if lookup is not None else None
+            item = item_of(rule_key) if lookup is not None else b""
+            found = lookup(item) if lookup is not None else None
             logged_minutes: list[int] = []
             if found:
                 logged_minutes = [m for p in found for m in p.minutes()]
@@ -296,7 +306,7 @@ class FirstSeenStore:
                     self._remember(rule_key, rkey, stored)
                 held[rule_key] = old
                 if found and folding:
-                    absorbed.append(rule_key)  # the record holds them already
+                    absorbed.append(item)  # the record holds them already
                 continue
             horizon = now_min - ret.horizon_minutes
             minutes = [m for m in sighting.minutes if m >= horizon]
@@ -375,7 +385,7 @@ class FirstSeenStore:
             index_writes(wb, rule, encoded_key, stored, state, ret, now_min)
             staged.append((rule_key, rkey, state))
             if found:
-                absorbed.append(rule_key)
+                absorbed.append(item)
             if ret.stream:
                 fresh = [m for m in minutes if not old_hist.observed(m, m + 1)]
                 m0 = min(fresh, default=None)
@@ -397,9 +407,9 @@ class FirstSeenStore:
         for r, n in counts.items():
             wb.put(ks.meta_key(f"keys:{r}"), str(n).encode())
         seq = self.pending.seq
-        for time_ms, rule_keys in logged.items():
+        for time_ms, logged_items in logged.items():
             seq += 1
-            wb.put(log_key(seq), encode_entry(time_ms, rule_keys))
+            wb.put(log_key(seq), encode_entry(time_ms, logged_items))
         try:
             self._db.commit(wb)
         except StoreError:
@@ -413,8 +423,8 @@ class FirstSeenStore:
         if absorbed:
             self.pending.discard(absorbed)
         if logged:
-            for time_ms, rule_keys in logged.items():
-                self.pending.add_many(rule_keys, time_ms // MINUTE_MS, time_ms)
+            for time_ms, logged_items in logged.items():
+                self.pending.add_many(logged_items, time_ms // MINUTE_MS, time_ms)
             self.pending.seq = seq
         for rule_key, rkey, state in staged:
             self._remember(rule_key, rkey, state)
@@ -443,7 +453,7 @@ class FirstSeenStore:
         retention: Mapping[str, Retention],
         now_ms: int,
         watermarks: Mapping[str, int],
-        logged: dict[int, list[RuleKey]],
+        logged: dict[int, list[bytes]],
         extended: list[durable.Entry],
         marks: list[Mark],
         exempt: dict[RuleKey, set[int]],
@@ -454,13 +464,14 @@ class FirstSeenStore:
         receiver vouched that the minute before is stored and trusted (DurableResources).
         A key that is also written in full by this batch takes its minute in that write."""
         out: ObservationBatch | None = None
+        rules = {r.encode() for r in retention}
         for ext in extensions:
             time_ms = ext.time_ms
             minute = time_ms // MINUTE_MS
             # Every point of an extension carries its one timestamp: per rule, it is on time
             # and after the latest tick for all of its resources or for none.
             late = {
-                rule
+                rule.encode()
                 for rule, ret in retention.items()
                 if (ret.lateness_ms and minute < (now_ms - ret.lateness_ms) // MINUTE_MS)
                 or time_ms < watermarks.get(rule, 0)
@@ -470,35 +481,38 @@ class FirstSeenStore:
                 resources = ext.resources
                 extended.extend((fp, value, ()) for fp, _ in resources)  # keys: kept as they are
                 logged.setdefault(time_ms, []).extend(
-                    [k for _, keys in resources for k in keys if k[0] in retention]
+                    [k for _, keys in resources for k in keys if rule_of(k) in rules]
                 )
                 continue
             for fingerprint, keys in ext.resources:
-                if not any(rule in late for rule, _ in keys):
+                if not any(rule_of(k) in late for k in keys):
                     extended.append((fingerprint, value, ()))
-                    logged.setdefault(time_ms, []).extend(k for k in keys if k[0] in retention)
+                    logged.setdefault(time_ms, []).extend(k for k in keys if rule_of(k) in rules)
                     continue
                 if out is None:
                     out = dict(batch)
-                for rk in keys:
+                rule_keys = tuple(map(rule_key_of, keys))
+                for rk in rule_keys:
                     had = out.get(rk)
                     s = Sighting(set(had.minutes), had.first_ms, had.last_ms) if had else Sighting()
                     out[rk] = s
                     s.add(time_ms)
-                marks.append(Mark(fingerprint, minute, time_ms, keys))
+                marks.append(Mark(fingerprint, minute, time_ms, rule_keys))
         if out is None:
             out = batch
         if logged and out:
-            for time_ms, rule_keys in list(logged.items()):
-                kept: list[RuleKey] = []
-                for rk in rule_keys:
-                    full = out.get(rk)
-                    if full is None:
-                        kept.append(rk)
+            written = {item_of(rk): rk for rk in out}
+            for time_ms, logged_items in list(logged.items()):
+                kept: list[bytes] = []
+                for item in logged_items:
+                    both_rk = written.get(item)
+                    if both_rk is None:
+                        kept.append(item)
                         continue
-                    both = out[rk] = Sighting(set(full.minutes), full.first_ms, full.last_ms)
+                    full = out[both_rk]
+                    both = out[both_rk] = Sighting(set(full.minutes), full.first_ms, full.last_ms)
                     both.add(time_ms)
-                    exempt.setdefault(rk, set()).add(time_ms // MINUTE_MS)
+                    exempt.setdefault(both_rk, set()).add(time_ms // MINUTE_MS)
                 if kept:
                     logged[time_ms] = kept
                 else:
@@ -537,7 +551,7 @@ class FirstSeenStore:
         chunk = pending.take(limit)
         result = None
         if chunk:
-            batch: ObservationBatch = {rk: Sighting() for rk in chunk}
+            batch: ObservationBatch = {rule_key_of(item): Sighting() for item in chunk}
             try:
                 result = self.apply(batch, retention, now_ms, watermarks=watermarks, folding=True)
             except StoreError:
@@ -708,7 +722,8 @@ class FirstSeenStore:
             else:
                 if floor <= mark.earliest_ms:
                     value = durable.encode(floor, bool(mark.keys))
-                    out.append((mark.fingerprint, value, mark.keys if running else ()))
+                    kept = tuple(map(item_of, mark.keys)) if running else ()
+                    out.append((mark.fingerprint, value, kept))
         return out
 
     def set_context_fields(self, rule: str, key_fields: tuple[str, ...]) -> None:
@@ -799,7 +814,7 @@ class FirstSeenStore:
     # -- reads (any thread) ----------------------------------------------------------------
 
     def get(self, rule: str, key: KeyTuple) -> KeyState | None:
-        found = self.pending.lookup((rule, key)) if len(self.pending) else []
+        found = self.pending.lookup(item_of((rule, key))) if len(self.pending) else []
         raw = self._db.get(ks.record_key(rule, encode_key(key)))
         state = None if raw is None else decode_state(raw)
         return self._overlaid(state, found) if found else state
@@ -856,7 +871,7 @@ class FirstSeenStore:
         if len(self.pending):
             for enc in encoded:
                 key = decode_key(enc)
-                hits = self.pending.lookup((rule, key))
+                hits = self.pending.lookup(item_of((rule, key)))
                 if hits:
                     found[enc] = (key, hits)
         for enc, raw in zip(encoded, self._db.get_many([prefix + e for e in encoded]), strict=True):
@@ -919,7 +934,7 @@ class FirstSeenStore:
         for raw, value in self._db.scan_prefix(prefix):
             key = decode_key(raw[len(prefix) :])
             state = decode_state(value)
-            found = self.pending.lookup((rule, key)) if len(self.pending) else []
+            found = self.pending.lookup(item_of((rule, key))) if len(self.pending) else []
             yield key, self._overlaid(state, found) if found else state
 
     def count_keys(self, rule: str) -> int:
@@ -963,7 +978,7 @@ class FirstSeenStore:
                     continue
                 if state.last_seen_ms // (
                     MINUTES_PER_DAY * MINUTE_MS
-                ) <= day and not self.pending.lookup((rule, decode_key(encoded))):
+                ) <= day and not self.pending.lookup(item_of((rule, decode_key(encoded)))):
                     # (A key with logged minutes was seen lately: its fold writes a new entry.)
                     wb.delete(rkey)
                     self._cache.pop((rule, decode_key(encoded)), None)

@@ -18,6 +18,7 @@ from pathwatch.clock import MINUTE_MS, Clock
 from pathwatch.observations import Extension, Mark, ObservationBatch, RuleKey, Sighting, merge_into
 from pathwatch.store.db import StoreError
 from pathwatch.store.durable import DurableResources
+from pathwatch.store.extend import rule_key_of
 from pathwatch.store.firstseen import ApplyResult, FirstSeenStore, Retention, StreamHit
 from pathwatch.store.guard import LimitHit
 from pathwatch.store.sweep import KeyspaceSweeper
@@ -190,9 +191,12 @@ class IngestWriter:
         if extension is not None and self._config.fold_interval_s <= 0:
             batch = dict(batch)  # logging is off: the minutes are written like any other
             t = extension.time_ms
-            for _, keys in extension.resources:
-                for rk in keys:
+            marks = list(marks)
+            for fingerprint, items in extension.resources:
+                rule_keys = tuple(map(rule_key_of, items))
+                for rk in rule_keys:
                     merge_into(batch, {rk: Sighting({t // MINUTE_MS}, t, t)})
+                marks.append(Mark(fingerprint, t // MINUTE_MS, t, rule_keys))
             extension = None
         size = len(batch) + (len(extension) if extension is not None else 0)
         ticket = Ticket(size)
