@@ -221,8 +221,9 @@ def run_history(settings: Settings, workdir: Path, config: dict[str, Any]) -> Hi
             if result.late_listed[stage]:
                 say(
                     "history",
-                    f"stage {stage + 1}/2: {count(result.late_listed[stage])} observations "
-                    "listed late (before the latest recorded tick) for the next tick",
+                    f"stage {stage + 1}/2: {count(result.late_listed[stage])} new minutes "
+                    "before the latest recorded tick (counted late; listed for the next tick "
+                    "only within the index's reach, window + 3 days)",
                 )
             stored += plan.stage_keys(stage)
             if recording is not None:

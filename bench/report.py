@@ -144,8 +144,8 @@ def rows(
         Row("   repeated at other minutes (alerts already recorded), median 7 d / 30 d",
             f"{_s(median_server_s(history.evaluations[0][1:] or history.evaluations[0]))} / "
             f"{_s(median_server_s(history.evaluations[1][1:] or history.evaluations[1]))}"),
-        Row("   stage 2 backfill: observations listed late (before the latest tick)",
-            _n(history.late_listed.get(1, 0)), "the first 30 d evaluation re-checks each"),
+        Row("   stage 2 backfill: new minutes before the latest tick (counted late)",
+            _n(history.late_listed.get(1, 0)), "listed only within window + 3 days"),
         Row("   evaluate HTTP round trip, 30 d (response size)",
             f"{_s(full.http_s)} ({full.response_bytes / 1000:,.0f} kB)"),
         Row("   offline `pathwatch evaluate` (process start to exit)", _s(history.cli_s)),
