@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pathwatch.access import BearerToken, TlsFiles
 from pathwatch.alerts.event import parse_rfc3339, rfc3339
@@ -404,7 +404,7 @@ class _Handler(BoundedHandler):
         self._json(200, {"quarantined": svc.firstseen.quarantined()})
 
     def _metrics(self, query: dict[str, list[str]]) -> None:
-        self._send(200, generate_latest(self.service.metrics.registry), CONTENT_TYPE_LATEST)
+        self._send(200, self.service.metrics.exposition(), CONTENT_TYPE_LATEST)
 
     def _rules(self, query: dict[str, list[str]]) -> None:
         svc = self.service

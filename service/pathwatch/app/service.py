@@ -20,9 +20,10 @@ from pathwatch.alerts.context import Explainer
 from pathwatch.alerts.dispatcher import Dispatcher
 from pathwatch.alerts.event import key_limit_event
 from pathwatch.alerts.gates import AlertGates
-from pathwatch.clock import DAY_MS, MINUTE_MS, Clock, SystemClock
+from pathwatch.app.workers import GrpcWorkers
+from pathwatch.clock import MINUTE_MS, Clock, SystemClock
 from pathwatch.config.model import AuthConfig, Config, TlsConfig
-from pathwatch.receiver.decode import Decoder, TimeBounds
+from pathwatch.receiver.decode import Decoder, TimeBounds, accepted_times
 from pathwatch.receiver.grpc_server import OtlpGrpcReceiver
 from pathwatch.receiver.http_server import OtlpHttpReceiver
 from pathwatch.rules import Rule, resolve_rules
@@ -137,7 +138,7 @@ class Service:
         self.alerts: AlertStore | None = None
         self.writer: IngestWriter | None = None
         self.dispatcher: Dispatcher | None = None
-        self.receiver: OtlpGrpcReceiver | None = None
+        self.receiver: OtlpGrpcReceiver | GrpcWorkers | None = None
         self.http_receiver: OtlpHttpReceiver | None = None
         self.runner: TickRunner | None = None
         self.scheduler: Scheduler | None = None
@@ -155,14 +156,8 @@ class Service:
         return self._retention
 
     def time_bounds(self) -> TimeBounds:
-        now = self.clock.now_ms()
-        horizon = max(
-            ((r.baseline_minutes + r.window_minutes) * MINUTE_MS for r in self.enabled_rules),
-            default=0,
-        )
-        return TimeBounds(
-            oldest_ms=now - horizon - DAY_MS,
-            newest_ms=now + int(self.config.receiver.max_future_skew * 1000),
+        return accepted_times(
+            self.enabled_rules, float(self.config.receiver.max_future_skew), self.clock.now_ms()
         )
 
     def open_store(self) -> None:
@@ -315,15 +310,20 @@ class Service:
             shard=cfg.shard.name, clusters=",".join(cfg.shard.clusters)
         ).set(1)
         cache.labels(cache="resources").set_function(lambda: decoder.cached_resources)
-        self.receiver = OtlpGrpcReceiver(
-            grpc_cfg,
-            decoder,
-            self.writer,
-            self.time_bounds,
-            self.metrics,
-            token=bearer_token(grpc_cfg.auth, "receiver.grpc"),
-            tls=tls_of(grpc_cfg.tls, "receiver.grpc"),
-        )
+        if grpc_cfg.processes > 1:  # decoded in worker processes, written here
+            self.receiver = GrpcWorkers(
+                cfg, self.writer, self.durable, self.metrics, self.supervisor
+            )
+        else:
+            self.receiver = OtlpGrpcReceiver(
+                grpc_cfg,
+                decoder,
+                self.writer,
+                self.time_bounds,
+                self.metrics,
+                token=bearer_token(grpc_cfg.auth, "receiver.grpc"),
+                tls=tls_of(grpc_cfg.tls, "receiver.grpc"),
+            )
         self.receiver.start()
         http_cfg = cfg.receiver.http
         if http_cfg.listen:
@@ -415,6 +415,11 @@ class Service:
             checks["store"] = "ok"
         if self.receiver is None or not self.receiver.serving:
             checks["receiver"], ok = "not serving", False
+        elif isinstance(self.receiver, GrpcWorkers):
+            serving, count = self.receiver.serving_count, self.receiver.count
+            checks["receiver"] = (
+                "ok" if serving == count else f"{serving} of {count} worker processes serving"
+            )
         else:
             checks["receiver"] = "ok"
         if self.config.receiver.http.listen:

@@ -29,6 +29,7 @@ _SIZE_UNITS = {
     "KB": 10**3, "MB": 10**6, "GB": 10**9,
 }  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_RECEIVER_PROCESSES = 64
 
 
 class ConfigError(ValueError):
@@ -267,6 +268,11 @@ def validate(config: Config) -> None:
         raise ConfigError("http.read_timeout: must be positive")
     if config.http.max_concurrent_requests < 1:
         raise ConfigError("http.max_concurrent_requests: must be at least 1")
+    if not 1 <= config.receiver.grpc.processes <= MAX_RECEIVER_PROCESSES:
+        raise ConfigError(
+            f"receiver.grpc.processes: must be 1 (the service process serves gRPC itself) to "
+            f"{MAX_RECEIVER_PROCESSES}, got {config.receiver.grpc.processes}"
+        )
     if config.receiver.grpc.max_concurrent_streams < 1:
         raise ConfigError("receiver.grpc.max_concurrent_streams: must be at least 1")
     for where, tls in (

@@ -40,6 +40,9 @@ class GrpcReceiverConfig:
     listen: str = "0.0.0.0:4317"
     max_receive_message_size: ByteSize = ByteSize(64 << 20)
     max_workers: int = 8
+    # Processes that serve this endpoint (decode on their own cores; the service process
+    # keeps the store and writes). 1: the service process serves it itself.
+    processes: int = 1
     # How long an Export waits for its observations to become durable before answering
     # UNAVAILABLE (the collector then retries; presence is idempotent, so a retry is harmless).
     ack_timeout: Duration = Duration(10.0)

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from pathwatch.receiver.decode import HOST_MISMATCH, DecodeResult
-from pathwatch.store.writer import Backpressure, IngestWriter
+from pathwatch.store.writer import Backpressure, BatchSink
 from pathwatch.telemetry.metrics import Metrics
 
 ZERO_TIMESTAMP = "zero_timestamp"
@@ -100,7 +100,7 @@ def count_decoded(
 
 
 def write_durably(
-    writer: IngestWriter, result: DecodeResult, timeout: float, sender: str = ""
+    writer: BatchSink, result: DecodeResult, timeout: float, sender: str = ""
 ) -> tuple[bool, str]:
     """Submit the decoded batch and wait up to `timeout` s for it to be durable.
 
@@ -116,7 +116,10 @@ def write_durably(
         )
     except Backpressure as exc:
         return True, f"pathwatch is overloaded: {exc}"
-    if not ticket.wait(max(0.0, timeout)) or ticket.error is not None:
-        reason = ticket.error or "durable write did not finish in time"
-        return False, f"pathwatch store unavailable: {reason}"
+    if not ticket.wait(max(0.0, timeout)):
+        return False, "pathwatch store unavailable: durable write did not finish in time"
+    if isinstance(ticket.error, Backpressure):  # refused by a writer in another process
+        return True, f"pathwatch is overloaded: {ticket.error}"
+    if ticket.error is not None:
+        return False, f"pathwatch store unavailable: {ticket.error}"
     return False, ""

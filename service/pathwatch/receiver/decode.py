@@ -45,6 +45,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 
+from pathwatch.clock import DAY_MS, MINUTE_MS
 from pathwatch.observations import Extension, KeyTuple, Mark, ObservationBatch, RuleKey, Sighting
 from pathwatch.receiver._view import (
     FlatRequest,
@@ -157,6 +158,18 @@ class TimeBounds:
 
     oldest_ms: int
     newest_ms: int
+
+
+def accepted_times(rules: Sequence[Rule], max_future_skew_s: float, now_ms: int) -> TimeBounds:
+    """The event times a service with `rules` accepts at `now_ms`: back to the longest
+    baseline plus window plus a day, forward to the allowed clock skew."""
+    horizon = max(
+        ((r.baseline_minutes + r.window_minutes) * MINUTE_MS for r in rules if r.enabled),
+        default=0,
+    )
+    return TimeBounds(
+        oldest_ms=now_ms - horizon - DAY_MS, newest_ms=now_ms + int(max_future_skew_s * 1000)
+    )
 
 
 def _plural(n: int, word: str) -> str:

@@ -42,7 +42,7 @@ from pathwatch.config.model import GrpcReceiverConfig
 from pathwatch.receiver._accounting import count_decoded, write_durably
 from pathwatch.receiver._identity import HostFilter, grpc_identity, peer_address, sender_of
 from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds, rejection_message
-from pathwatch.store.writer import IngestWriter
+from pathwatch.store.writer import BatchSink
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="receiver")
@@ -130,7 +130,7 @@ class OtlpGrpcReceiver:
         self,
         config: GrpcReceiverConfig,
         decoder: Decoder,
-        writer: IngestWriter,
+        writer: BatchSink,
         bounds: Callable[[], TimeBounds],
         metrics: Metrics,
         token: BearerToken | None = None,

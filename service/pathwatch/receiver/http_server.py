@@ -55,7 +55,7 @@ from pathwatch.receiver._accounting import count_decoded, write_durably
 from pathwatch.receiver._http_transport import BoundedHandler, BoundedHttpServer, split_listen
 from pathwatch.receiver._identity import HostFilter, sender_of, tls_identity
 from pathwatch.receiver.decode import Decoder, InvalidRequest, TimeBounds, rejection_message
-from pathwatch.store.writer import IngestWriter
+from pathwatch.store.writer import BatchSink
 from pathwatch.telemetry.metrics import Metrics
 
 log = structlog.get_logger(component="receiver")
@@ -482,7 +482,7 @@ class OtlpHttpReceiver:
         self,
         config: HttpReceiverConfig,
         decoder: Decoder,
-        writer: IngestWriter,
+        writer: BatchSink,
         bounds: Callable[[], TimeBounds],
         metrics: Metrics,
         token: BearerToken | None = None,

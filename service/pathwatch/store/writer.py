@@ -11,6 +11,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -96,9 +97,23 @@ class Ticket:
         """True when finished within `timeout` seconds (check `error`), False when still pending."""
         return self._done.wait(timeout)
 
-    def _finish(self, error: Exception | None) -> None:
+    def finish(self, error: Exception | None) -> None:
+        """Complete the ticket (`error` None: durable). Called once, by whoever wrote it."""
         self.error = error
         self._done.set()
+
+
+class BatchSink(Protocol):
+    """Where receivers hand decoded batches: the IngestWriter in the service's own process,
+    or the channel a receiver worker process has to it (receiver/workers.py)."""
+
+    def submit(
+        self,
+        batch: ObservationBatch,
+        marks: Sequence[Mark] = (),
+        sender: str = "",
+        extension: Extension | None = None,
+    ) -> Ticket: ...
 
 
 FOLD_CHUNK = 2_000  # keys folded between two group commits (~50 ms of writer time)
@@ -203,7 +218,7 @@ class IngestWriter:
         if not batch and extension is None:
             if marks and self._durable is not None:  # resources that yield no key
                 self._durable.add(self._store.durable_entries(marks, {}))
-            ticket._finish(None)
+            ticket.finish(None)
             return ticket
         with self._cond:
             if self._stopping:
@@ -295,7 +310,7 @@ class IngestWriter:
             self._metrics.store_pending_keys.set(0)
         for _, ticket, _, _, _ in [*taken, *queued]:
             if not ticket.wait(0):
-                ticket._finish(error)
+                ticket.finish(error)
 
     def _write(self, items: list[_Item]) -> None:
         if len(items) == 1:
@@ -353,7 +368,7 @@ class IngestWriter:
             self._pending -= sum(t.size for _, t, _, _, _ in items)
             self._metrics.store_pending_keys.set(self._pending)
         for _, ticket, _, _, _ in items:
-            ticket._finish(error)
+            ticket.finish(error)
 
     def _account(self, result: ApplyResult) -> None:
         """Metrics, limit and stream alerts of a committed write (a group commit or a fold)."""

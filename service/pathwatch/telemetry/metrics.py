@@ -7,9 +7,16 @@ host, path or pid, which would make cardinality follow the fleet.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+
+# One sample of another process's registry: family name, family type, sample name, labels, value.
+ForeignSample = tuple[str, str, str, tuple[tuple[str, str], ...], float]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SIZE_BUCKETS = (1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
@@ -29,6 +36,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.specs: list[MetricSpec] = []
+        self._sources: list[Callable[[], Iterable[ForeignSample]]] = []
         r = self.registry
 
         # Ingest (receiver)
@@ -314,6 +322,19 @@ class Metrics:
             (),
         )
 
+    # -- other processes (receiver workers) ---------------------------------------------------
+
+    def add_source(self, source: Callable[[], Iterable[ForeignSample]]) -> None:
+        """Samples that other processes of this service counted (receiver workers): added
+        to this registry's samples of the same name and labels in `exposition`."""
+        self._sources.append(source)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of this service, every process's samples summed."""
+        if not self._sources:
+            return generate_latest(self.registry)
+        return generate_latest(_Summed(self.registry, self._sources))
+
     def _spec(self, name: str, kind: str, _metric: object, labels: tuple[str, ...]) -> None:
         doc = getattr(_metric, "_documentation", "")
         self.specs.append(MetricSpec(name, kind, str(doc), labels))
@@ -327,3 +348,67 @@ class Metrics:
         metric = Gauge(name, doc, labels, registry=self.registry)
         self.specs.append(MetricSpec(name, "gauge", doc, labels))
         return metric
+
+
+def foreign_samples(registry: CollectorRegistry) -> list[ForeignSample]:
+    """The non-zero samples of `registry`, to be summed into another process's exposition."""
+    out: list[ForeignSample] = []
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.value and not sample.name.endswith("_created"):
+                labels = tuple(sorted(sample.labels.items()))
+                out.append((family.name, family.type, sample.name, labels, float(sample.value)))
+    return out
+
+
+class RetiredSamples:
+    """Counter and histogram samples of processes that exited: kept, so that totals summed
+    over processes never go down when a worker is replaced. Gauges are dropped with their
+    process. Bounded by the metric catalogue (labels are bounded by configuration)."""
+
+    def __init__(self) -> None:
+        self._totals: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()
+
+    def retire(self, samples: Iterable[ForeignSample]) -> None:
+        with self._lock:
+            for family, kind, name, labels, value in samples:
+                if kind in ("counter", "histogram"):
+                    key = (family, kind, name, labels)
+                    self._totals[key] = self._totals.get(key, 0.0) + value
+
+    def samples(self) -> list[ForeignSample]:
+        with self._lock:
+            return [(*key, value) for key, value in self._totals.items()]
+
+
+class _Summed(CollectorRegistry):
+    """A registry view: `registry`'s families with the foreign samples added."""
+
+    def __init__(
+        self, registry: CollectorRegistry, sources: list[Callable[[], Iterable[ForeignSample]]]
+    ) -> None:
+        super().__init__(auto_describe=False)
+        self._registry = registry
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        extra: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for source in self._sources:
+            for family_name, _kind, name, labels, value in source():
+                by_sample = extra.setdefault(family_name, {})
+                by_sample[(name, labels)] = by_sample.get((name, labels), 0.0) + value
+        for family in self._registry.collect():
+            add = extra.get(family.name)
+            if not add:
+                yield family
+                continue
+            summed = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                more = add.pop((sample.name, tuple(sorted(sample.labels.items()))), None)
+                summed.samples.append(
+                    sample if more is None else sample._replace(value=sample.value + more)
+                )
+            for (name, labels), rest in add.items():  # label sets only other processes have
+                summed.samples.append(Sample(name, dict(labels), rest))
+            yield summed

@@ -1,0 +1,197 @@
+"""The worker <-> service channel (receiver/remote.py) over a real socket pair, with a real
+IngestWriter on a real RocksDB; and the summing of other processes' metrics."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pathwatch.clock import MINUTE_MS, SystemClock
+from pathwatch.config.load import ConfigError, validate
+from pathwatch.config.model import Config, GrpcReceiverConfig, ReceiverConfig
+from pathwatch.observations import Mark, Sighting
+from pathwatch.receiver._accounting import write_durably
+from pathwatch.receiver.decode import DecodeResult
+from pathwatch.receiver.remote import Bridge, Channel, ChannelClosed, RemoteSink
+from pathwatch.rules.builtin import PARITY_RULE
+from pathwatch.store import Database, IngestWriter, Retention, WriterConfig
+from pathwatch.store.durable import DurableResources
+from pathwatch.store.firstseen import FirstSeenStore
+from pathwatch.store.writer import WriteFailed
+from pathwatch.telemetry.metrics import Metrics, RetiredSamples, foreign_samples
+
+RULE = PARITY_RULE.id
+KEY = ("node-1", "prod", "node-1", "4242", "/tmp/x", "x")
+
+
+def _pair() -> tuple[Channel, Channel]:
+    a, b = socket.socketpair()
+    return Channel(a), Channel(b)
+
+
+def test_channel_carries_messages_and_reports_eof() -> None:
+    ours, theirs = _pair()
+    ours.send(("submit", 1, {"a": b"\xff"}, [], "", None))
+    assert theirs.recv() == ("submit", 1, {"a": b"\xff"}, [], "", None)
+    ours.close_sending()
+    assert theirs.recv() is None
+    theirs.close()
+    ours.close()
+
+
+def test_channel_refuses_an_oversized_or_truncated_frame() -> None:
+    a, b = socket.socketpair()
+    a.sendall(struct.pack(">I", (1 << 30) + 1))
+    with pytest.raises(ChannelClosed, match="frame of"):
+        Channel(b).recv()
+    a.close()
+    b.close()
+    a, b = socket.socketpair()
+    a.sendall(struct.pack(">I", 100) + b"short")
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(ChannelClosed, match="truncated"):
+        Channel(b).recv()
+    a.close()
+    b.close()
+
+
+class _Worker:
+    """A worker's half: its RemoteSink and the thread that reads the service's answers."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.durable = DurableResources(1000)
+        self.sink = RemoteSink(channel, self.durable)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.channel.recv()
+            except ChannelClosed:
+                message = None
+            if message is None:
+                self.sink.close("the service process is gone")
+                return
+            assert message[0] == "done"
+            self.sink.complete(*message[1:])
+
+
+@pytest.fixture
+def bridged(tmp_path: Path) -> Iterator[tuple[_Worker, IngestWriter, DurableResources]]:
+    db = Database(str(tmp_path / "db"))
+    store = FirstSeenStore(db)
+    durable = DurableResources(1000)
+    retention = {RULE: Retention(horizon_minutes=31 * 1440)}
+    writer = IngestWriter(
+        store,
+        lambda: retention,
+        SystemClock(),
+        Metrics(),
+        WriterConfig(max_pending_keys=1),
+        durable=durable,
+    )
+    ours, theirs = _pair()
+    bridge = Bridge(ours, writer, durable, 2.0, lambda samples: None, "grpc-worker-1")
+    serving = threading.Thread(target=bridge.serve, daemon=True)
+    serving.start()
+    worker = _Worker(theirs)
+    yield worker, writer, durable
+    theirs.close_sending()
+    serving.join(10)
+    writer.shutdown(5)
+    ours.close()
+    db.close()
+
+
+def _result(minute: int, fingerprint: int) -> DecodeResult:
+    t = minute * MINUTE_MS + 7_000
+    result = DecodeResult()
+    result.batch[(RULE, KEY)] = Sighting({minute}, t, t)
+    result.marks.append(Mark(fingerprint, minute, t, ((RULE, KEY),)))
+    return result
+
+
+def test_a_durable_write_answers_the_worker_with_its_resources_entries(
+    bridged: tuple[_Worker, IngestWriter, DurableResources],
+) -> None:
+    worker, writer, durable = bridged
+    writer.start()
+    minute = SystemClock().now_ms() // MINUTE_MS - 5
+    assert write_durably(worker.sink, _result(minute, 77), 10.0) == (False, "")
+    # The worker's fast path now knows the resource exactly as the service's does.
+    assert durable.get(77) is not None
+    assert worker.durable.get(77) == durable.get(77)
+
+
+def test_a_full_write_queue_is_overload_for_the_worker_too(
+    bridged: tuple[_Worker, IngestWriter, DurableResources],
+) -> None:
+    worker, writer, _ = bridged
+    minute = SystemClock().now_ms() // MINUTE_MS - 5
+    # The writer is not running: the first batch waits in its queue (max 1 key), so the
+    # second and third do not fit.
+    first = worker.sink.submit(_result(minute, 1).batch)
+    second = write_durably(worker.sink, _result(minute + 1, 2), 0.5)
+    assert second[0] is True and "write queue full" in second[1]
+    writer.start()
+    assert first.wait(10) and first.error is None
+
+
+def test_pending_exports_fail_at_once_when_the_service_process_is_gone() -> None:
+    ours, theirs = _pair()
+    worker = _Worker(theirs)
+    ticket = worker.sink.submit(_result(1000, 5).batch)
+    assert ours.recv()[0] == "submit"  # the service got it, then dies before answering
+    ours.close()
+    assert ticket.wait(5)
+    assert isinstance(ticket.error, WriteFailed)
+    later = worker.sink.submit(_result(1001, 6).batch)
+    assert later.wait(0) and "gone" in str(later.error)
+    theirs.close()
+
+
+def _exposed(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.exposition().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_other_processes_counters_and_histograms_are_summed_and_kept_when_they_exit() -> None:
+    service, worker = Metrics(), Metrics()
+    service.export_requests.labels(outcome="ok").inc(2)
+    worker.export_requests.labels(outcome="ok").inc(5)
+    worker.export_requests.labels(outcome="invalid").inc(1)  # only the worker has it
+    worker.export_seconds.observe(0.003)
+    worker.cache_entries.labels(cache="resources").set(40)
+    live: list[object] = [foreign_samples(worker.registry)]
+    retired = RetiredSamples()
+    service.add_source(lambda: [*retired.samples(), *live[0]])  # type: ignore[misc]
+    seen = _exposed(service)
+    assert seen[("pathwatch_export_requests_total", (("outcome", "ok"),))] == 7
+    assert seen[("pathwatch_export_requests_total", (("outcome", "invalid"),))] == 1
+    assert seen[("pathwatch_export_duration_seconds_count", ())] == 1
+    assert seen[("pathwatch_export_duration_seconds_bucket", (("le", "0.005"),))] == 1
+    assert seen[("pathwatch_cache_entries", (("cache", "resources"),))] == 40
+    retired.retire(live[0])  # type: ignore[arg-type]
+    live[0] = []
+    seen = _exposed(service)
+    assert seen[("pathwatch_export_requests_total", (("outcome", "ok"),))] == 7
+    assert ("pathwatch_cache_entries", (("cache", "resources"),)) not in seen
+
+
+@pytest.mark.parametrize("processes", [0, 65])
+def test_receiver_processes_out_of_range_are_refused(processes: int) -> None:
+    config = Config(receiver=ReceiverConfig(grpc=GrpcReceiverConfig(processes=processes)))
+    with pytest.raises(ConfigError, match=r"receiver\.grpc\.processes"):
+        validate(config)
