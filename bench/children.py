@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from bench.service import child_env, pinned
+from bench.service import Cpus, child_env, pinned
 
 Event = dict[str, Any]
 
@@ -29,7 +29,7 @@ class ChildFailed(RuntimeError):
 def run_child(
     module: str,
     job: dict[str, Any],
-    cpu: int | None,
+    cpu: Cpus,
     timeout: float,
     on_event: Callable[[Event], None] = lambda event: None,
     idle_timeout: float | None = None,

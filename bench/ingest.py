@@ -18,7 +18,7 @@ from bench.children import Event, run_child
 from bench.otlp import HOUR_MS
 from bench.profile import Recording, record
 from bench.progress import count, megabytes, say
-from bench.service import ServiceUnderTest
+from bench.service import Cpus, ServiceUnderTest
 from bench.settings import Settings
 from bench.workload import Fleet, FleetSpec
 
@@ -55,18 +55,26 @@ def fleet_spec(settings: Settings) -> FleetSpec:
 
 
 def run_ingest(
-    settings: Settings, workdir: Path, config: dict[str, Any], parse: Event | None = None
+    settings: Settings,
+    workdir: Path,
+    config: dict[str, Any],
+    parse: Event | None = None,
+    shared: str | None = None,
 ) -> IngestResult:
     """The ingest phase; the parse-only baseline too unless `parse` (the same requests'
-    figure from an earlier run: the scrape interval changes timestamps, not the bytes parsed)."""
+    figure from an earlier run: the scrape interval changes timestamps, not the bytes parsed).
+    `shared` (a taskset core list): the service and the load generator both run on those
+    cores instead of one core each; CPU and memory then count every process of the service."""
     started_ms = int(time.time() * 1000)
     spec = fleet_spec(settings)
     sample = next(Fleet(FleetSpec(**{**spec.to_json(), "nodes": 1})).requests()).payload
-    service = ServiceUnderTest(workdir, "ingest", settings.service_cpu, config)
+    service_cpu: Cpus = settings.service_cpu if shared is None else shared
+    loadgen_cpu: Cpus = settings.loadgen_cpu if shared is None else shared
+    service = ServiceUnderTest(workdir, "ingest", service_cpu, config)
     recording: Recording | None = None
     profile: list[tuple[str, float]] = []
     try:
-        say("ingest", f"starting the service (core {settings.service_cpu}), fresh data dir")
+        say("ingest", f"starting the service ({_cores(service_cpu)}), fresh data dir")
         service.start()
 
         def on_event(event: Event) -> None:
@@ -93,7 +101,7 @@ def run_ingest(
 
         say(
             "ingest",
-            f"load generator (core {settings.loadgen_cpu}): {settings.nodes} nodes x "
+            f"load generator ({_cores(loadgen_cpu)}): {settings.nodes} nodes x "
             f"{settings.processes} processes, first scrape of every node, then "
             f"{settings.warmup_s:.0f} s warm-up",
         )
@@ -112,11 +120,11 @@ def run_ingest(
         fleet = run_child(
             "bench.loadgen",
             job,
-            settings.loadgen_cpu,
+            loadgen_cpu,
             timeout=900 + settings.warmup_s + settings.duration_s + _PROFILE_S,
             on_event=on_event,
         )
-        mem = procstat.memory(service.pid)
+        mem = procstat.tree_memory(service.pid)
         if recording is not None:
             profile = recording.finish()
         say(
@@ -151,6 +159,12 @@ def run_ingest(
     )
     say("parse", f"{count(parse['resources_per_s'])} resources/s parsed")
     return _result(fleet, parse, spec, sample, mem, started_ms, profile)
+
+
+def _cores(cpus: Cpus) -> str:
+    return (
+        "any core" if cpus is None else f"core {cpus}" if isinstance(cpus, int) else f"cores {cpus}"
+    )
 
 
 def _result(

@@ -33,7 +33,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,19 +126,59 @@ class Driver:
                 )
                 for ch in channels
             ]
-            workers = [
-                asyncio.create_task(self._worker(calls[i % len(calls)]))
-                for i in range(self.job.concurrency)
-            ]
-            await asyncio.gather(*workers)
+            if self.job.source == "fleet":
+                await self._sticky(calls)
+            else:
+                workers = [
+                    asyncio.create_task(self._worker(calls[i % len(calls)], self._next))
+                    for i in range(self.job.concurrency)
+                ]
+                await asyncio.gather(*workers)
         finally:
             for ch in channels:
                 await ch.close()
 
-    async def _worker(self, call: Any) -> None:
+    async def _next(self) -> Export | None:
+        return next(self.exports, None)
+
+    async def _sticky(self, calls: list[Any]) -> None:
+        """A node's scrapes always on the same connection, as its collector keeps one: with
+        receiver worker processes, one worker then sees every scrape of a node. At most
+        `concurrency` Exports in flight over all connections."""
+        per_channel = -(-self.job.concurrency // len(calls))
+        # Room for a few scrapes per connection, so one slow call does not hold up the rest
+        queues: list[asyncio.Queue[Export | None]] = [
+            asyncio.Queue(maxsize=per_channel + 3) for _ in calls
+        ]
+        gate = asyncio.Semaphore(self.job.concurrency)
+
+        async def feed() -> None:
+            for export in self.exports:
+                await queues[export.node % len(queues)].put(export)
+            for q in queues:
+                for _ in range(per_channel):
+                    await q.put(None)
+
+        feeder = asyncio.create_task(feed())
+        workers = [
+            asyncio.create_task(self._worker(call, q.get, gate))
+            for call, q in zip(calls, queues, strict=True)
+            for _ in range(per_channel)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            feeder.cancel()
+
+    async def _worker(
+        self,
+        call: Any,
+        take: Callable[[], Awaitable[Export | None]],
+        gate: asyncio.Semaphore | None = None,
+    ) -> None:
         tally = self.tally
         while self.error is None and time.monotonic() < self.stop_at:
-            export = next(self.exports, None)
+            export = await take()
             if export is None:
                 return
             if export.time_ms > time.time() * 1000 + _MAX_FUTURE_MS:
@@ -148,6 +188,8 @@ class Driver:
                 )
                 return
             while True:
+                if gate is not None:
+                    await gate.acquire()
                 started = time.monotonic()
                 try:
                     response = await call(export.payload, timeout=self.job.timeout_s)
@@ -160,6 +202,9 @@ class Driver:
                         continue
                     self.error = f"Export failed: {exc.code().name}: {exc.details()}"
                     return
+                finally:
+                    if gate is not None:
+                        gate.release()
                 break
             ended = time.monotonic()
             tally.requests += 1
@@ -251,7 +296,7 @@ async def run_fleet(job: Job) -> dict[str, Any]:
         await reach(-(-driver.tally.requests // cycle) * cycle)
         window["start"] = time.monotonic()
         first = driver.tally.requests
-        window["service_cpu0"] = procstat.cpu_seconds(job.service_pid)
+        window["service_cpu0"] = procstat.tree_cpu_seconds(job.service_pid)
         window["own_cpu0"] = procstat.cpu_seconds()
         driver.phase = "measure"
         emit("measure", phase="measure", seconds=job.duration_s)
@@ -260,7 +305,7 @@ async def run_fleet(job: Job) -> dict[str, Any]:
         await reach(first + cycles * cycle)
         window["end"] = time.monotonic()
         window["cycles"] = cycles
-        window["service_cpu1"] = procstat.cpu_seconds(job.service_pid)
+        window["service_cpu1"] = procstat.tree_cpu_seconds(job.service_pid)
         window["own_cpu1"] = procstat.cpu_seconds()
         driver.stop_at = window["end"] + job.extra_s
         if job.extra_s > 0:

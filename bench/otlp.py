@@ -262,6 +262,7 @@ class Export(NamedTuple):
     points: int
     new_keys: int  # keys this request observes for the first time (HistoryPlan only)
     time_ms: int
+    node: int = -1  # the node that scraped it (Fleet only): its collector's connection
 
 
 def check_export(export: Export) -> None:

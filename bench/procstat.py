@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+# The cores this bench may use, read at import: before the run pins itself to one of them.
+ALL_CORES = frozenset(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,48 @@ def cpu_seconds(pid: int | None = None) -> float:
     with open(f"/proc/{pid or 'self'}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants alive now (a service's receiver worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as children:
+                    todo.extend(int(c) for c in children.read().split())
+            except OSError:
+                continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of `pid` and its live descendants (one process: the same as cpu_seconds)."""
+    total = 0.0
+    for member in tree(pid):
+        try:
+            total += cpu_seconds(member)
+        except OSError:
+            continue  # exited meanwhile
+    return total
+
+
+def tree_memory(pid: int) -> Memory:
+    """RSS and peak RSS summed over `pid` and its live descendants."""
+    rss = hwm = 0
+    for member in tree(pid):
+        try:
+            m = memory(member)
+        except OSError:
+            continue
+        rss, hwm = rss + m.rss, hwm + m.hwm
+    return Memory(rss, hwm)
 
 
 def cpu_model() -> str:

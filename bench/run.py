@@ -17,14 +17,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import report
+from bench import procstat, report
 from bench.children import ChildFailed, Event, run_child
 from bench.history import run_history
-from bench.ingest import run_ingest
+from bench.ingest import IngestResult, run_ingest
 from bench.profile import py_spy
 from bench.progress import count, say
 from bench.service import RULE
-from bench.settings import SIZE_FIELDS, Settings, parse_args
+from bench.settings import (
+    SIZE_FIELDS,
+    Settings,
+    parse_args,
+    replica_channels,
+    replica_concurrency,
+)
 
 # A schedule that never fires during a run: the benchmark evaluates through the API itself.
 _OFF_SCHEDULE = "0 0 1 1 *"
@@ -89,6 +95,27 @@ def run_reference(settings: Settings, workdir: Path, spec: dict[str, Any]) -> Ev
     return result
 
 
+def run_replica(settings: Settings, workdir: Path, ingest: IngestResult) -> IngestResult:
+    """The ingest phase again with receiver.grpc.processes > 1, the service and the load
+    generator on every core this bench may use, over more connections (`replica_channels`)."""
+    cores = ",".join(str(c) for c in sorted(procstat.ALL_CORES))
+    again = dataclasses.replace(
+        settings,
+        profile=None,
+        channels=replica_channels(settings),
+        concurrency=replica_concurrency(settings),
+    )
+    say(
+        "ingest",
+        f"per replica: receiver.grpc.processes {settings.replica_processes}, the service and "
+        f"the load generator sharing cores {cores}, {again.concurrency} Exports in flight over "
+        f"{again.channels} connections",
+    )
+    config = service_config(again, flood_guards=True)
+    config["receiver"]["grpc"] = {"processes": settings.replica_processes}
+    return run_ingest(again, workdir, config, parse=ingest.parse, shared=cores)
+
+
 def describe_size(settings: Settings) -> str:
     """'full size', 'QUICK ...', or the parameters that differ from the issue's sizes."""
     if settings.quick:
@@ -130,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             config = service_config(again, flood_guards=True)
             second = run_ingest(again, workdir, config, parse=ingest.parse)
             shutil.rmtree(workdir / "ingest", ignore_errors=True)
+        replica = None
+        if settings.replica_processes > 1:
+            replica = run_replica(settings, workdir, ingest)
+            shutil.rmtree(workdir / "ingest", ignore_errors=True)
         history = run_history(settings, workdir, service_config(settings, flood_guards=False))
         reference = None
         if settings.reference:
@@ -151,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"== pathwatch benchmark: {size} ==")
     print(report.describe_machine(machine, settings))
-    print(report.describe_workload(settings, ingest, history, second))
+    print(report.describe_workload(settings, ingest, history, second, replica))
     print()
-    print(report.render_table(report.rows(settings, ingest, history, reference, second)))
+    print(report.render_table(report.rows(settings, ingest, history, reference, second, replica)))
     for title, top in (
         ("ingest (steady-state fleet)", ingest.profile),
         ("history ingest (new keys)", history.profile),

@@ -32,7 +32,10 @@ def free_port() -> int:
         return port
 
 
-def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+Cpus = int | str | None  # one core, a taskset list ("0,1"), or None: not pinned
+
+
+def pinned(cpu: Cpus, argv: list[str]) -> list[str]:
     """`argv` under `taskset -c cpu` (unchanged when `cpu` is None)."""
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
@@ -49,7 +52,7 @@ def child_env() -> dict[str, str]:
 class ServiceUnderTest:
     """One data directory served by successive runs of the service (start, stop, start...)."""
 
-    def __init__(self, workdir: Path, name: str, cpu: int | None, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, name: str, cpu: Cpus, config: dict[str, Any]) -> None:
         self.data_dir = workdir / name
         self.grpc_port = free_port()
         self.http_port = free_port()

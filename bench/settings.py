@@ -15,6 +15,8 @@ class Settings:
     processes: int = 200
     interval_s: float = 60.0  # the collector's hostmetrics default, and deploy/'s
     second_interval_s: float = 10.0  # the ingest phase again at this interval (0: skip)
+    # the ingest phase again with receiver.grpc.processes this and every core (0, 1: skip)
+    replica_processes: int = 2
     churn: float = 0.005
     concurrency: int = 8
     channels: int = 4
@@ -44,8 +46,22 @@ class Settings:
     quick: bool = False
 
 
+def replica_channels(settings: Settings) -> int:
+    """Connections of the per-replica run: the kernel spreads connections (not calls) over
+    receiver processes, so enough of them that the split is even, as in a real fleet with a
+    connection per node."""
+    return max(settings.channels, 16 * settings.replica_processes)
+
+
+def replica_concurrency(settings: Settings) -> int:
+    """Exports in flight in the per-replica run: as many per receiver process as the 1-core
+    run has in all (an Export waits for a durable write; a fleet has a collector per node)."""
+    return settings.concurrency * settings.replica_processes
+
+
 SIZE_FIELDS = frozenset(
-    ("nodes", "processes", "interval_s", "second_interval_s", "churn", "concurrency",
+    ("nodes", "processes", "interval_s", "second_interval_s", "replica_processes", "churn",
+     "concurrency",
      "channels", "warmup_s", "duration_s", "parse_requests", "parse_seconds", "keys", "active",
      "new_fraction", "days", "short_days", "evaluations", "probe_s", "probe_period_s")
 )  # fmt: skip
@@ -68,6 +84,8 @@ _HELP = {
     "interval_s": "simulated seconds between two scrapes of a node",
     "second_interval_s": "the ingest phase again with this interval, for the second row "
     "(0 skips it)",
+    "replica_processes": "receiver.grpc.processes for the per-replica row: the ingest phase "
+    "again with the service and the load generator on every core (0 or 1 skips it)",
     "churn": "share of a node's processes replaced by a new pid at every scrape",
     "concurrency": "Export calls in flight from the load generator",
     "channels": "gRPC connections the load generator spreads its calls over",

@@ -86,7 +86,9 @@ class Fleet:
                         slots[slot] = self._spawn(node, slot)
                 tails = self._blocks.at(time_ms * 1_000_000)
                 payload = b"".join([part for head, v in slots for part in (head, tails[v])])
-                yield Export(payload, len(slots), len(slots) * POINTS_PER_RESOURCE, 0, time_ms)
+                yield Export(
+                    payload, len(slots), len(slots) * POINTS_PER_RESOURCE, 0, time_ms, node
+                )
             scrape += 1
 
 

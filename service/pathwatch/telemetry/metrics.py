@@ -294,8 +294,8 @@ class Metrics:
         self.component_failures = self._counter(
             "pathwatch_component_failures_total",
             "Unexpected exceptions in a long-lived component (writer, scheduler, sink:<name>, "
-            "expiry, stream, admin); each is logged with its stack and the component restarted "
-            "with backoff.",
+            "expiry, stream, admin, grpc-worker-<n>: a receiver worker process that exited); "
+            "each is logged with its stack and the component restarted with backoff.",
             ("component",),
         )
         self.component_up = self._gauge(
