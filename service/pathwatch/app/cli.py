@@ -35,7 +35,7 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
-def _limit_malloc_arenas() -> None:
+def limit_malloc_arenas() -> None:
     """Use at most two glibc malloc arenas unless MALLOC_ARENA_MAX says otherwise.
 
     glibc gives threads that allocate at once arenas of their own (up to 8 per core); the gRPC
@@ -54,7 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pathwatch.store.db import StoreError
     from pathwatch.telemetry.logging import configure_logging
 
-    _limit_malloc_arenas()
+    limit_malloc_arenas()
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
     service = Service(config)

@@ -257,6 +257,9 @@ class GrpcWorkers:
 
 def worker_main(fd: int) -> int:
     """Entry of a receiver worker process: FD is its end of the socket pair."""
+    from pathwatch.app.cli import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as the service process does, before any thread starts
     # Ctrl-C reaches the whole process group: the service process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=fd))
