@@ -121,7 +121,26 @@ def late_findings(
     An onset is the start of a run of observations (nothing the minute before) that is new at
     its tick by the rule; the alert id is the one an on-time evaluation gives it.
     """
-    out: list[Finding] = []
+    onsets = late_onsets(rule, state, since_minute, through_ms, tick_of)
+    if not onsets or rule.excluded_by(key) is not None:
+        return []
+    return [Finding(rule, tick_ms, key, state, first, late=True) for tick_ms, first in onsets]
+
+
+def late_onsets(
+    rule: Rule,
+    state: KeyState,
+    since_minute: int,
+    through_ms: int,
+    tick_of: Callable[[int], int],
+) -> list[tuple[int, int]]:
+    """`late_findings` before the rule's exclusions, as (tick ms, first minute) pairs: what
+    the key's history decides, so a caller holding only the record can skip decoding its key.
+
+    `tick_of` must not decrease (the first scheduled tick after a later minute is no earlier):
+    the runs are visited in order and the first one past `through_ms` ends the search.
+    """
+    out: list[tuple[int, int]] = []
     history = state.history
     for start in history.run_starts(since_minute):
         tick_ms = tick_of(start)
@@ -136,7 +155,5 @@ def late_findings(
             continue  # the occurrence started earlier in the same window
         if state.trusted_observed(tick - rule.baseline_minutes, window_start):
             continue
-        if rule.excluded_by(key) is not None:
-            continue
-        out.append(Finding(rule, tick_ms, key, state, first, late=True))
+        out.append((tick_ms, first))
     return out

@@ -34,7 +34,7 @@ from pathwatch.alerts.gates import AlertGates
 from pathwatch.alerts.suspicious import suspicion
 from pathwatch.clock import MINUTE_MS, Clock
 from pathwatch.config.model import SinkConfig
-from pathwatch.engine.evaluate import Finding, PresenceReader, evaluate, late_findings
+from pathwatch.engine.evaluate import Finding, PresenceReader, evaluate, late_onsets
 from pathwatch.rules.model import CLUSTER_FIELD, HOST_FIELD, PATH_FIELD, Rule
 from pathwatch.store.alertlog import AlertStore, TickRecord
 from pathwatch.store.context import ContextMemo
@@ -232,6 +232,7 @@ class TickRunner:
             started = self._clock.monotonic()
             try:
                 evaluation = evaluate(rule, tick_ms, self._reader)
+                late_generation = self._ledger.late_generation if self._ledger else None
                 late, late_seen = self._late(rule, tick_ms, evaluation.findings)
                 refused, refused_keys = self._refused(rule, tick_ms)
             except Exception:
@@ -276,7 +277,7 @@ class TickRunner:
             if self._ledger is not None and late_seen:
                 # Under the fence: an entry a write changed since it was read stays listed.
                 with self._watermarks.lock:
-                    deletes += self._ledger.late_unchanged(late_seen)
+                    deletes += self._ledger.late_unchanged(late_seen, late_generation)
                     self._commit(record, events, deliveries, overflow, extra, deletes)
             else:
                 self._commit(record, events, deliveries, overflow, extra, deletes)
@@ -342,15 +343,25 @@ class TickRunner:
             return ticks[minute]
 
         alerted: dict[int, set[tuple[str, ...]]] = {tick_ms: {f.key for f in on_time}}
+        # An onset at or after an entry's minute belongs to a tick no earlier than the one
+        # after that minute (ticks only move forward): when that tick is past this one, the
+        # key has nothing to report now and its record is not read.
+        due = [
+            (raw_key, since)
+            for raw_key, value in entries
+            if tick_of(since := ledger.late_since(value)) <= tick_ms
+        ]
         out: list[Finding] = []
-        for raw_key, value in entries:
-            key, since = ledger.decode_late(rule.id, raw_key, value)
-            state = ledger.get(rule.id, key)
-            if state is None:
+        for raw_key, since, state in ledger.late_states(rule.id, due):
+            onsets = late_onsets(rule, state, since, tick_ms, tick_of)
+            if not onsets:
                 continue
-            for finding in late_findings(rule, key, state, since, tick_ms, tick_of):
-                if key not in self._alerted_at(rule, finding.tick_ms, alerted):
-                    out.append(finding)
+            key = ledger.late_key(rule.id, raw_key)
+            if rule.excluded_by(key) is not None:
+                continue
+            for onset_tick, first in onsets:
+                if key not in self._alerted_at(rule, onset_tick, alerted):
+                    out.append(Finding(rule, onset_tick, key, state, first, late=True))
         return out, entries
 
     def _alerted_at(

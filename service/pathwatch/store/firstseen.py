@@ -190,6 +190,10 @@ class FirstSeenStore:
         self._cache: dict[tuple[str, KeyTuple], tuple[bytes, KeyState]] = {}
         self._cache_keys = max(0, cache_keys)
         self._late_seq = 0
+        # Bumped after every commit that listed late minutes (writer thread, under the tick
+        # watermarks' lock): a tick that read the late keyspace and finds it unchanged under
+        # that lock knows every entry it read is still as it read it (`late_unchanged`).
+        self.late_generation = 0
         self._refused_listed: dict[tuple[str, int], int] = {}
         # Minutes logged and not folded into their records yet (store/extend.py).
         self.pending = PendingExtensions()
@@ -226,6 +230,7 @@ class FirstSeenStore:
         wb = Batch()
         written = created = refused = 0
         late_untrusted = late_after_tick = 0
+        listed_late = False
         # Per key, minutes known to have arrived on time (logged ones): never late.
         exempt: dict[RuleKey, set[int]] = {}
         logged: dict[int, list[bytes]] = {}
@@ -369,6 +374,7 @@ class FirstSeenStore:
                 onset = self._late_onset(state, after, mark_before - ret.index_minutes)
                 if onset is not None:
                     self._list_late(wb, rule, rkey, onset, now_ms)
+                    listed_late = True
             encoded_key = rkey[len(ks.record_prefix(rule)) :]
             wb.put(rkey, encode_state(state))
             # The activity index skips a key by its first_seen only while it is trusted.
@@ -419,6 +425,9 @@ class FirstSeenStore:
             self._counts.clear()
             self.context.forget()
             raise
+        finally:
+            if listed_late:  # also when the commit failed: it may have applied all the same
+                self.late_generation += 1
         self._counts.update(counts)
         if absorbed:
             self.pending.discard(absorbed)
@@ -654,15 +663,70 @@ class FirstSeenStore:
         """The late keyspace of `rule`: (RocksDB key, value) pairs, oldest write order aside."""
         return list(self._db.scan_prefix(ks.late_prefix(rule)))
 
-    def late_unchanged(self, entries: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    def late_unchanged(
+        self, entries: Iterable[tuple[bytes, bytes]], generation: int | None = None
+    ) -> list[bytes]:
         """Of `entries` read before, the RocksDB keys whose value is still the same (no write
-        since): those a tick may delete. Call under the watermark fence."""
+        since): those a tick may delete. Call under the watermark fence.
+
+        `generation`: `late_generation` as read before the entries were: when no commit has
+        listed late minutes since, every entry is unchanged and none is read again."""
         pairs = list(entries)
+        if generation is not None and generation == self.late_generation:
+            return [k for k, _ in pairs]
         now = self._db.get_many([k for k, _ in pairs])
         return [k for (k, v), cur in zip(pairs, now, strict=True) if cur == v]
 
     def decode_late(self, rule: str, raw_key: bytes, value: bytes) -> tuple[KeyTuple, int]:
-        return decode_key(raw_key[len(ks.late_prefix(rule)) :]), ks.late_minute(value)
+        return self.late_key(rule, raw_key), ks.late_minute(value)
+
+    @staticmethod
+    def late_key(rule: str, raw_key: bytes) -> KeyTuple:
+        """The key of a late entry (its RocksDB key)."""
+        return decode_key(raw_key[len(ks.late_prefix(rule)) :])
+
+    @staticmethod
+    def late_since(value: bytes) -> int:
+        """The earliest late minute of a late entry (its value)."""
+        return ks.late_minute(value)
+
+    def late_states(
+        self, rule: str, entries: Iterable[tuple[bytes, int]]
+    ) -> Iterator[tuple[bytes, int, KeyState]]:
+        """For (late entry's RocksDB key, minute) pairs: (that key, the minute, the key's state
+        as `get` reads it) for each key still stored, in the order given. Records are read in
+        batches and the key is not decoded unless it has logged minutes to overlay (callers
+        that need it use `late_key`). Raises RecordFormatError on an unreadable record, as
+        `get` does."""
+        late_len = len(ks.late_prefix(rule))
+        prefix = ks.record_prefix(rule)
+        chunk: list[tuple[bytes, int]] = []
+        for entry in entries:
+            chunk.append(entry)
+            if len(chunk) >= 1024:
+                yield from self._late_chunk(rule, chunk, late_len, prefix)
+                chunk = []
+        yield from self._late_chunk(rule, chunk, late_len, prefix)
+
+    def _late_chunk(
+        self, rule: str, chunk: list[tuple[bytes, int]], late_len: int, prefix: bytes
+    ) -> Iterator[tuple[bytes, int, KeyState]]:
+        # Logged minutes are looked up before the records are read (as in `get`): a fold in
+        # between then finds them in the record instead, never in neither.
+        found: dict[bytes, list[Pending]] = {}
+        if len(self.pending):
+            for raw_key, _ in chunk:
+                hits = self.pending.lookup(item_of((rule, decode_key(raw_key[late_len:]))))
+                if hits:
+                    found[raw_key] = hits
+        raws = self._db.get_many([prefix + raw_key[late_len:] for raw_key, _ in chunk])
+        for (raw_key, minute), raw in zip(chunk, raws, strict=True):
+            logged = found.get(raw_key)
+            state = None if raw is None else decode_state(raw)
+            if logged:
+                yield raw_key, minute, self._overlaid(state, logged)
+            elif state is not None:
+                yield raw_key, minute, state
 
     def refused_entries(self, rule: str) -> list[tuple[bytes, KeyTuple, dict[str, object]]]:
         """Keys the new-key caps refused and no tick has listed yet: (RocksDB key, key, info)."""
