@@ -159,9 +159,22 @@ class Driver:
                 for _ in range(per_channel):
                     await q.put(None)
 
+        def taker(q: asyncio.Queue[Export | None]) -> Callable[[], Awaitable[Export | None]]:
+            async def take() -> Export | None:
+                # Bounded: once the run ends, a worker whose queue the feeder no longer
+                # fills (it waits on another, full one) must still return.
+                while self.error is None and time.monotonic() < self.stop_at:
+                    try:
+                        return await asyncio.wait_for(q.get(), 0.2)
+                    except TimeoutError:
+                        continue
+                return None
+
+            return take
+
         feeder = asyncio.create_task(feed())
         workers = [
-            asyncio.create_task(self._worker(call, q.get, gate))
+            asyncio.create_task(self._worker(call, taker(q), gate))
             for call, q in zip(calls, queues, strict=True)
             for _ in range(per_channel)
         ]
