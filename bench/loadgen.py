@@ -69,6 +69,7 @@ class Job:
     period_s: float = 0.05  # probe: one Export started every period (none in flight before)
     windows: tuple[str, ...] = ()  # probe: measured windows, `duration_s` each
     metrics_url: str = ""  # probe: the service's /metrics, to wait until the prime is published
+    sticky: bool = True  # fleet: each node's scrapes on one connection, as its collector does
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Driver:
                 )
                 for ch in channels
             ]
-            if self.job.source == "fleet":
+            if self.job.source == "fleet" and self.job.sticky:
                 await self._sticky(calls)
             else:
                 workers = [
