@@ -20,7 +20,7 @@ from pathwatch.alerts.context import Explainer
 from pathwatch.alerts.dispatcher import Dispatcher
 from pathwatch.alerts.event import key_limit_event
 from pathwatch.alerts.gates import AlertGates
-from pathwatch.app.workers import GrpcWorkers
+from pathwatch.app.workers import WORKERS_SERVICE_DURABLE, GrpcWorkers
 from pathwatch.clock import MINUTE_MS, Clock, SystemClock
 from pathwatch.config.model import AuthConfig, Config, TlsConfig
 from pathwatch.receiver.decode import Decoder, TimeBounds, accepted_times
@@ -145,8 +145,14 @@ class Service:
         self.http: object | None = None
         self.first_start_ms = 0
         # Resources durable in their latest minute: shared by the receivers (read) and the
-        # writer (adds after each commit). Rules are fixed for the process's life.
-        self.durable = DurableResources(config.receiver.durable_resources)
+        # writer (adds after each commit). Rules are fixed for the process's life. With
+        # receiver workers, each worker keeps its own for its connections' resources, and this
+        # one serves OTLP/HTTP and the answers to the workers, which read a batch's entries
+        # right after its commit: the youngest entries are enough.
+        capacity = config.receiver.durable_resources
+        if config.receiver.grpc.processes > 1:
+            capacity = min(capacity, WORKERS_SERVICE_DURABLE)
+        self.durable = DurableResources(capacity)
         self.supervisor = Supervisor(self.metrics)
         self.stream = StreamPublisher(self.metrics)
 

@@ -49,6 +49,9 @@ from pathwatch.telemetry.metrics import ForeignSample, Metrics, RetiredSamples, 
 
 log = structlog.get_logger(component="receiver")
 
+# The service process's DurableResources when workers serve gRPC (see Service): a group
+# commit adds at most a few thousand entries, read back within milliseconds.
+WORKERS_SERVICE_DURABLE = 20_000
 START_TIMEOUT_S = 30.0  # a worker imports, binds and answers "ready" within this
 _EXIT_WAIT_S = 5.0  # after its channel closed, a worker exits within this, or is killed
 _METRICS_EVERY_S = 1.0
