@@ -151,10 +151,6 @@ class RemoteSink:
         else:
             ticket.finish(Backpressure(error) if overloaded else WriteFailed(error))
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     def close(self, reason: str) -> None:
         """Fail every pending ticket (their Exports are answered UNAVAILABLE) and refuse more."""
         with self._lock:
