@@ -21,13 +21,22 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 
+# A C compiler for pathwatch's optional accelerator of the receiver (setup.py): in this stage
+# only, so it does not ship. Unpinned on purpose: any Debian gcc builds it, and the final image
+# holds none of it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # Only what the wheel is built from (see .dockerignore): pyproject.toml names README.md as the
-# long description, and the package lives under service/.
-COPY pyproject.toml README.md ./
+# long description, setup.py declares the C extension, and the package lives under service/.
+COPY pyproject.toml setup.py README.md ./
 COPY service/ service/
 
-# Every dependency (grpcio, rocksdict, protobuf, ...) ships manylinux wheels for CPython 3.11, so
-# no compiler is needed. The wheel is built without its dependencies, then installed with them
+# Every dependency (grpcio, rocksdict, protobuf, ...) ships manylinux wheels for CPython 3.11;
+# the only thing compiled is pathwatch's own accelerator (check-config prints "receiver fast
+# path: C accelerator"). The wheel is built without its dependencies, then installed with them
 # into the venv that the final stage copies. check-config imports the CLI, the config loader,
 # the rules and the sinks: a broken install fails the build here, not in the cluster.
 RUN python -m venv /opt/venv \
@@ -80,8 +89,9 @@ EXPOSE 4317 4318 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 
-# pathwatch installs its own SIGTERM/SIGINT handlers and spawns no children, so it can run as
-# PID 1 without an init. Without --config it runs on the embedded defaults plus PATHWATCH_*
+# pathwatch installs its own SIGTERM/SIGINT handlers and reaps the only children it starts
+# (receiver worker processes, receiver.grpc.processes > 1), so it can run as PID 1 without an
+# init. Without --config it runs on the embedded defaults plus PATHWATCH_*
 # overrides; the chart appends `--config /etc/pathwatch/config.yaml`.
 ENTRYPOINT ["pathwatch"]
 CMD ["serve"]

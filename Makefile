@@ -2,11 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The optional C accelerator (service/pathwatch/receiver/_wirescan.c) is built by the install:
+# a change to it, or to setup.py, reinstalls. Without a C compiler the install goes on without it.
+BUILD_INPUTS := pyproject.toml setup.py service/pathwatch/receiver/_wirescan.c
+STAMP := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
+# Where a C compiler exists the accelerator must have been built: its tests fail otherwise.
+REQUIRE_ACCELERATOR := $(shell command -v cc >/dev/null 2>&1 && echo 1)
 
 .PHONY: run test demo lint typecheck unit bench soak clean docs proto
 
-$(STAMP): pyproject.toml
+$(STAMP): $(BUILD_INPUTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pathwatch needs Python 3.11 or newer (found " + sys.version.split()[0] + ")")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -21,14 +26,17 @@ demo: $(STAMP)
 	$(BIN)/pathwatch demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests $(wildcard bench) $(wildcard soak)
-	$(BIN)/ruff format --check service tests $(wildcard bench) $(wildcard soak)
+	$(BIN)/ruff check setup.py service tests $(wildcard bench) $(wildcard soak)
+	$(BIN)/ruff format --check setup.py service tests $(wildcard bench) $(wildcard soak)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The suite runs on both paths of the receiver: with the C accelerator (when built), then on
+# pure Python, as on a machine without a compiler.
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	TEST_REQUIRE_ACCELERATOR=$(REQUIRE_ACCELERATOR) $(BIN)/pytest -q
+	PATHWATCH_PURE_PYTHON=1 $(BIN)/pytest -q
 
 test: lint typecheck unit
 

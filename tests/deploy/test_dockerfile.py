@@ -167,3 +167,16 @@ def test_build_context_holds_everything_the_wheel_needs(stages: list[Stage]) -> 
     ]
     assert ignore[0] == "*", "start from an empty context"
     assert {f"!{p}" for p in needed} <= set(ignore)
+
+
+def test_the_builder_compiles_the_accelerator_and_the_image_ships_no_compiler(
+    stages: list[Stage],
+) -> None:
+    """The receiver's C accelerator (setup.py) is built in the builder stage, which has a
+    compiler; the final stage installs nothing and copies only the venv."""
+    builder, final = stages[0], stages[-1]
+    assert any("setup.py" in c.split() for c in builder.args("COPY"))
+    assert any("apt-get install" in r and "gcc" in r for r in builder.args("RUN"))
+    assert not any("apt-get" in r or "gcc" in r for r in final.args("RUN"))
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert "!setup.py" in ignored and "service/**/*.so" in ignored

@@ -95,11 +95,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         check_access(config)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    from pathwatch.receiver.decode import ACCELERATED
+
     rules = resolve_rules(config.rules)
     enabled = [r.id for r in rules if r.enabled]
+    fast_path = "C accelerator" if ACCELERATED else "pure Python"
     print(
         f"config OK: data_dir={config.data_dir}, {len(enabled)} enabled rule(s) "
-        f"({', '.join(enabled) or 'none'}), {len(config.sinks)} sink(s)"
+        f"({', '.join(enabled) or 'none'}), {len(config.sinks)} sink(s); "
+        f"receiver fast path: {fast_path}"
     )
     return 0
 

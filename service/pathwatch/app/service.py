@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from pathwatch import __version__
 from pathwatch.access import BearerToken, TlsFiles, tls_files
 from pathwatch.alerts.context import Explainer
 from pathwatch.alerts.dispatcher import Dispatcher
@@ -23,7 +24,7 @@ from pathwatch.alerts.gates import AlertGates
 from pathwatch.app.workers import WORKERS_SERVICE_DURABLE, GrpcWorkers
 from pathwatch.clock import MINUTE_MS, Clock, SystemClock
 from pathwatch.config.model import AuthConfig, Config, TlsConfig
-from pathwatch.receiver.decode import Decoder, TimeBounds, accepted_times
+from pathwatch.receiver.decode import ACCELERATED, Decoder, TimeBounds, accepted_times
 from pathwatch.receiver.grpc_server import OtlpGrpcReceiver
 from pathwatch.receiver.http_server import OtlpHttpReceiver
 from pathwatch.rules import Rule, resolve_rules
@@ -314,6 +315,9 @@ class Service:
         )
         self.metrics.shard_info.labels(
             shard=cfg.shard.name, clusters=",".join(cfg.shard.clusters)
+        ).set(1)
+        self.metrics.build_info.labels(
+            version=__version__, fast_path="c" if ACCELERATED else "python"
         ).set(1)
         cache.labels(cache="resources").set_function(lambda: decoder.cached_resources)
         if grpc_cfg.processes > 1:  # decoded in worker processes, written here

@@ -19,7 +19,8 @@ import yaml
 from pathwatch.config.model import SINK_TYPES, ByteSize, Config, Duration
 
 ENV_PREFIX = "PATHWATCH_"
-ENV_RESERVED = {"PATHWATCH_CONFIG", "PATHWATCH_API_TOKEN"}  # read by the CLI, not settings
+# Read by the CLI and the receiver (decode.PURE_PYTHON_ENV), not settings.
+ENV_RESERVED = {"PATHWATCH_CONFIG", "PATHWATCH_API_TOKEN", "PATHWATCH_PURE_PYTHON"}
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

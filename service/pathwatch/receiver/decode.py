@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +63,7 @@ from pathwatch.rules.model import Rule
 from pathwatch.store.durable import DurableResources, covers
 
 MINUTE_NS = 60_000_000_000
+_SPAN = struct.Struct("=II")  # a ResourceMetrics' start and end in the request (_wirescan.c)
 _MAX_NEW_SHARE = 4  # past 1 / this of a request's resources new, the full path is cheaper
 
 _NUMBER_KINDS = ("gauge", "sum")  # NumberDataPoints: counted by their value (otlpview.proto)
@@ -85,6 +88,25 @@ UNTRACKED_REASONS: Final = (
 )
 HOST_FIELD: Final = "host.name"
 CLUSTER_FIELD: Final = "k8s.cluster.name"
+
+
+PURE_PYTHON_ENV: Final = "PATHWATCH_PURE_PYTHON"
+
+
+def _accelerator() -> Callable[[bytes], tuple[Any, ...] | None] | None:
+    """The C scan of the fast path (_wirescan.c), unless it was not built (no compiler where
+    pathwatch was installed) or PATHWATCH_PURE_PYTHON is set: both paths decide the same."""
+    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from pathwatch.receiver._wirescan import scan
+    except ImportError:
+        return None
+    return scan
+
+
+_scan = _accelerator()
+ACCELERATED: Final = _scan is not None  # reported as pathwatch_build_info{accelerated}
 
 
 class InvalidRequest(ValueError):
@@ -309,7 +331,10 @@ class Decoder:
         resource_cache: int = 100_000,
         durable: DurableResources | None = None,
         owns_cluster: Callable[[str], bool] | None = None,
+        accelerate: bool = True,
     ) -> None:
+        # The C scan of the fast path when built (ACCELERATED); False: the views only.
+        self._scan = _scan if accelerate else None
         # Sharding: a resource of a cluster this shard does not own is refused whole
         # (not_owned), whatever its rules; None owns every cluster.
         self._owns_cluster = owns_cluster
@@ -487,6 +512,12 @@ class Decoder:
         rejected with a reason.
         """
         assert self._durable is not None
+        scanned = self._scan(data) if self._scan is not None else None
+        if scanned is not None:  # the accelerator read it in one pass (_wirescan.c)
+            raws, names, times, values, lo, hi, with_points, spans = scanned
+            if not raws or not times or values > times or not self._counted_everywhere(names):
+                return None
+            return self._known(data, bounds, raws, times, lo, hi, with_points, spans)
         try:
             flat = FlatRequest.FromString(data).resource_metrics
         except (DecodeError, RecursionError, ValueError):
@@ -511,7 +542,24 @@ class Decoder:
             return None  # no points, or more values than timestamps: some have none
         stamps = set(gauge)  # one pass in C; a scrape's points share a few timestamps
         stamps.update(total)
-        lo, hi = min(stamps), max(stamps)
+        return self._known(data, bounds, raws, points, min(stamps), max(stamps), None, None)
+
+    def _known(
+        self,
+        data: bytes,
+        bounds: TimeBounds,
+        raws: Sequence[bytes],
+        points: int,
+        lo: int,
+        hi: int,
+        with_points: bytes | None,
+        spans: bytes | None,
+    ) -> DecodeResult | None:
+        """`_decode_known` once the request is read: its Resources (`raws`, one per
+        ResourceMetrics when `with_points` is given, which then says which have points, and
+        `spans` where each ResourceMetrics lies in `data`), its `points` and their earliest
+        and latest timestamps."""
+        assert self._durable is not None
         minute = lo // MINUTE_NS
         if (
             hi // MINUTE_NS != minute
@@ -546,23 +594,15 @@ class Decoder:
         if extending:
             # The flat view cannot tell a ResourceMetrics without points (no observation)
             # from one with points: the merged view, one list per ResourceMetrics, can.
-            try:
-                rms = MergedRequest.FromString(data).resource_metrics
-            except (DecodeError, RecursionError, ValueError):
-                return None
-            if len(rms) != len(raws):
-                return None
+            if with_points is None:
+                with_points = _points_per_resource(data, raws)
+                if with_points is None:
+                    return None
             keys_of = self._durable.keys_of
             resources = []
             for i in extending:
-                rm = rms[i]
-                if rm.resource != raws[i]:
-                    return None  # positions do not name ResourceMetrics
-                merged = rm.scope_metrics.metrics
                 keys = keys_of(fingerprints[i])
-                if keys is None or not (
-                    merged.gauge.data_points.time_unix_nano or merged.sum.data_points.time_unix_nano
-                ):
+                if keys is None or not with_points[i]:
                     new.append(i)
                 else:
                     resources.append((fingerprints[i], keys))
@@ -572,7 +612,7 @@ class Decoder:
             if resources:
                 result.extension = Extension(earliest_ms, tuple(resources))
                 tracked += len(resources)
-        taken = self._take_new(data, raws, new, bounds, result) if new else 0
+        taken = self._take_new(data, raws, new, bounds, result, spans) if new else 0
         if taken is None:
             return None
         result.points_accepted += points - taken
@@ -580,7 +620,13 @@ class Decoder:
         return result
 
     def _take_new(
-        self, data: bytes, raws: Any, new: list[int], bounds: TimeBounds, result: DecodeResult
+        self,
+        data: bytes,
+        raws: Sequence[bytes],
+        new: list[int],
+        bounds: TimeBounds,
+        result: DecodeResult,
+        spans: bytes | None,
     ) -> int | None:
         """Decode only the ResourceMetrics at positions `new` of the flat resource list into
         `result`; returns their points, or None when positions cannot be trusted to name
@@ -588,18 +634,32 @@ class Decoder:
 
         Trusted when the request has as many ResourceMetrics as Resources, no Resource twice,
         and the ResourceMetrics at each new position holds that Resource: then every
-        ResourceMetrics whose Resource is new sits at one of these positions.
+        ResourceMetrics whose Resource is new sits at one of these positions. With `spans`
+        (the accelerator's: one Resource per ResourceMetrics, and where each lies), the
+        ResourceMetrics are cut from `data` instead of read through the raw view.
         """
-        try:
-            rms = RawRequest.FromString(data).resource_metrics
-        except (DecodeError, RecursionError, ValueError):
+        if len(set(raws)) != len(raws):
             return None
-        if len(rms) != len(raws) or len(set(raws)) != len(raws):
-            return None
+        rm_at: Callable[[int], bytes]
+        if spans is not None:
+            if len(spans) != _SPAN.size * len(raws):
+                return None
+
+            def rm_at(i: int) -> bytes:
+                start, end = _SPAN.unpack_from(spans, _SPAN.size * i)
+                return data[start:end]
+        else:
+            try:
+                rms = RawRequest.FromString(data).resource_metrics
+            except (DecodeError, RecursionError, ValueError):
+                return None
+            if len(rms) != len(raws):
+                return None
+            rm_at = rms.__getitem__
         window = (bounds.oldest_ms * 1_000_000, bounds.newest_ms * 1_000_000 + 999_999)
         taken = 0
         for i in new:
-            raw_rm = rms[i]
+            raw_rm = rm_at(i)
             try:
                 rm = MergedResourceMetrics.FromString(raw_rm)
             except (DecodeError, RecursionError, ValueError):
@@ -764,3 +824,22 @@ def _present(dp: Any, kind: str) -> int:
     if kind in _NUMBER_KINDS:
         return len(dp.as_double) + len(dp.as_int)
     return max(len(dp.start_time_unix_nano), len(dp.time_unix_nano))
+
+
+def _points_per_resource(data: bytes, raws: Sequence[bytes]) -> bytes | None:
+    """Per ResourceMetrics, 1 when it has a gauge or sum point with a timestamp (the merged
+    view), or None when the ResourceMetrics do not line up with `raws` (one Resource each)."""
+    try:
+        rms = MergedRequest.FromString(data).resource_metrics
+    except (DecodeError, RecursionError, ValueError):
+        return None
+    if len(rms) != len(raws):
+        return None
+    flags = bytearray(len(rms))
+    for i, rm in enumerate(rms):
+        if rm.resource != raws[i]:
+            return None  # positions do not name ResourceMetrics
+        merged = rm.scope_metrics.metrics
+        if merged.gauge.data_points.time_unix_nano or merged.sum.data_points.time_unix_nano:
+            flags[i] = 1
+    return bytes(flags)

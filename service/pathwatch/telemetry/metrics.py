@@ -283,6 +283,13 @@ class Metrics:
             "pathwatch_sink_disabled", "1 when a sink was disabled (HTTP 410 Gone).", ("sink",)
         )
 
+        self.build_info = self._gauge(
+            "pathwatch_build_info",
+            "1, labelled with pathwatch's version and how the receiver's fast path reads "
+            'requests: fast_path="c" with the optional C accelerator built, "python" without it '
+            "(a machine with no C compiler at install time, or PATHWATCH_PURE_PYTHON=1).",
+            ("version", "fast_path"),
+        )
         self.shard_info = self._gauge(
             "pathwatch_shard_info",
             "1, labelled with this pathwatch's shard name and the clusters it owns (shard.name, "
