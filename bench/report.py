@@ -347,6 +347,7 @@ def describe_workload(
 def service_defaults() -> str:
     """The service's bounded caches and workers, read from its own configuration defaults."""
     from pathwatch.config.model import GrpcReceiverConfig, ReceiverConfig, StoreConfig
+    from pathwatch.receiver.decode import ACCELERATED
     from pathwatch.store.db import DatabaseOptions
 
     store, receiver = StoreConfig(), ReceiverConfig()
@@ -362,6 +363,8 @@ def service_defaults() -> str:
         f"store.block_cache_size {store.block_cache_size >> 20} MiB",
         f"write buffer {DatabaseOptions().write_buffer_bytes >> 20} MiB",
         f"{GrpcReceiverConfig().max_workers} gRPC workers",
+        "receiver fast path: "
+        + ("C accelerator (_wirescan.c)" if ACCELERATED else "pure Python (no C accelerator)"),
     ]
     return ", ".join(parts)
 

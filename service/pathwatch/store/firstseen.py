@@ -14,6 +14,8 @@ a record safe without locks; reads may come from any thread.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -131,6 +133,29 @@ def index_writes(
         wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
 
 
+def _extended(
+    old: KeyState | None, found: list[Pending], horizon: int, max_runs: int
+) -> KeyState | None:
+    """`old` with the logged minutes `found` when they continue its last run as one run (the
+    fold's common case, `FirstSeenStore._fold_extensions`), or None for anything else: no
+    record, untrusted minutes, a gap or overlap, minutes out of order, a history to trim, or a
+    first_seen the minutes would move."""
+    if old is None or old.untrusted.runs or not found:
+        return None
+    runs = old.history.runs
+    if not runs or runs[0][0] < horizon or len(runs) > max(1, max_runs):
+        return None
+    end = runs[-1][1]
+    first_ms, last_ms = old.first_seen_ms, old.last_seen_ms
+    for p in sorted(found, key=lambda p: p.a):
+        if p.more or p.a != end or p.first_ms < first_ms:
+            return None
+        end = p.b + 1
+        last_ms = max(last_ms, p.last_ms)
+    history = PresenceHistory((*runs[:-1], (runs[-1][0], end)))
+    return KeyState(first_ms, last_ms, history, old.untrusted)
+
+
 @dataclass(frozen=True, slots=True)
 class StreamHit:
     """A key that just started a new occurrence: its state after the write, first minute."""
@@ -197,6 +222,7 @@ class FirstSeenStore:
         self._refused_listed: dict[tuple[str, int], int] = {}
         # Minutes logged and not folded into their records yet (store/extend.py).
         self.pending = PendingExtensions()
+        self.keys_folded_short = 0  # keys `fold` wrote through `_fold_extensions`
         self._pending_loaded = False
 
     # -- writes (IngestWriter thread only) -------------------------------------------------
@@ -560,17 +586,97 @@ class FirstSeenStore:
         chunk = pending.take(limit)
         result = None
         if chunk:
-            batch: ObservationBatch = {rule_key_of(item): Sighting() for item in chunk}
             try:
-                result = self.apply(batch, retention, now_ms, watermarks=watermarks, folding=True)
+                simple, rest = self._fold_extensions(chunk, retention, now_ms)
+                if rest:
+                    batch: ObservationBatch = {rule_key_of(item): Sighting() for item in rest}
+                    result = self.apply(
+                        batch, retention, now_ms, watermarks=watermarks, folding=True
+                    )
             except StoreError:
                 pending.settle(False)
                 raise
             pending.settle(True)
+            if simple:
+                written = simple + (result.keys_written if result is not None else 0)
+                result = (
+                    ApplyResult(written, 0)
+                    if result is None
+                    else dataclasses.replace(result, keys_written=written)
+                )
         done = pending.cycle_done()
         if done is not None:
             self._db.delete_range(log_key(0), log_key(done + 1))
         return result
+
+    def _fold_extensions(
+        self, chunk: Mapping[bytes, Pending], retention: Mapping[str, Retention], now_ms: int
+    ) -> tuple[int, list[bytes]]:
+        """Fold the keys of `chunk` whose logged minutes simply extend their record's last run
+        (what logging them promised: the common case) in one commit of their own; returns how
+        many, and the others, for `apply`.
+
+        Such a fold is the write `apply(folding=True)` makes, without its general machinery:
+        the record's last run ends where the logged minutes start, they form one run, the key
+        has no untrusted minute and nothing to trim. Then the write starts no run (no onset,
+        no late listing, no stream hit: the minute before is observed and trusted), creates
+        no key and moves neither first_seen nor anything but the last run's end, last_seen,
+        the activity hours it reaches and the expiry day (`index_writes`)."""
+        lookup = self.pending.lookup
+        rest: list[bytes] = []
+        candidates: list[tuple[bytes, RuleKey, bytes, KeyState | None, Retention]] = []
+        missing: list[bytes] = []
+        for item in chunk:
+            rule_key = rule_key_of(item)
+            ret = retention.get(rule_key[0])
+            if ret is None:
+                rest.append(item)
+                continue
+            entry = self._cache.get(rule_key)
+            if entry is not None:
+                candidates.append((item, rule_key, entry[0], entry[1], ret))
+                continue
+            rkey = ks.record_key(rule_key[0], encode_key(rule_key[1]))
+            missing.append(rkey)
+            candidates.append((item, rule_key, rkey, None, ret))
+        loaded = dict(zip(missing, self._db.get_many(missing), strict=True)) if missing else {}
+        wb = Batch()
+        now_min = now_ms // MINUTE_MS
+        staged: list[tuple[RuleKey, bytes, KeyState]] = []
+        folded: list[bytes] = []
+        for item, rule_key, rkey, cached, ret in candidates:
+            old = cached
+            if old is None and (raw := loaded.get(rkey)) is not None:
+                with contextlib.suppress(RecordFormatError):  # else apply quarantines it
+                    old = decode_state(raw)
+            state = _extended(old, lookup(item), now_min - ret.horizon_minutes, ret.max_runs)
+            if old is None or state is None:
+                rest.append(item)
+                continue
+            rule = rule_key[0]
+            encoded_key = rkey[len(ks.record_prefix(rule)) :]
+            wb.put(rkey, encode_state(state))
+            stored_end = old.history.runs[-1][1]
+            new_end = state.history.runs[-1][1]
+            index_floor = (now_min - ret.index_minutes) // MINUTES_PER_HOUR
+            first_value = ks.u64(state.first_seen_ms)
+            for hour in range(
+                stored_end // MINUTES_PER_HOUR, (new_end - 1) // MINUTES_PER_HOUR + 1
+            ):
+                if hour >= index_floor and not old.history.observed(
+                    hour * MINUTES_PER_HOUR, (hour + 1) * MINUTES_PER_HOUR
+                ):
+                    wb.put(ks.activity_key(rule, hour, encoded_key), first_value)
+            index_writes(wb, rule, encoded_key, old, state, ret, now_min)
+            staged.append((rule_key, rkey, state))
+            folded.append(item)
+        if staged:
+            self._db.commit(wb)
+            for rule_key, rkey, state in staged:
+                self._remember(rule_key, rkey, state)
+            self.pending.discard(folded)
+            self.keys_folded_short += len(staged)
+        return len(staged), rest
 
     def fold_all(self, retention: Mapping[str, Retention], now_ms: int) -> None:
         """Fold everything logged so far (before reading records behind the store's back)."""
