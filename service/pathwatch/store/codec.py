@@ -28,6 +28,7 @@ byte.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -65,14 +66,11 @@ class KeyState:
 
 
 def encode_key(key: KeyTuple) -> bytes:
-    parts = []
-    for value in key:
-        raw = value.encode("utf-8", "surrogatepass")
-        if len(raw) > MAX_FIELD_BYTES:
-            raise ValueError(f"key field of {len(raw)} bytes exceeds {MAX_FIELD_BYTES}")
-        parts.append(_U16.pack(len(raw)))
-        parts.append(raw)
-    return b"".join(parts)
+    raws = [value.encode("utf-8", "surrogatepass") for value in key]
+    longest = max(map(len, raws), default=0)
+    if longest > MAX_FIELD_BYTES:
+        raise ValueError(f"key field of {longest} bytes exceeds {MAX_FIELD_BYTES}")
+    return b"".join([_U16.pack(len(raw)) + raw for raw in raws])
 
 
 def decode_key(raw: bytes) -> KeyTuple:
@@ -86,8 +84,13 @@ def decode_key(raw: bytes) -> KeyTuple:
     return tuple(out)
 
 
+_RUN = struct.Struct("<II")
+
+
 def _pack_runs(runs: tuple[tuple[int, int], ...]) -> bytes:
-    return struct.pack(f"<{2 * len(runs)}I", *(m for run in runs for m in run))
+    if len(runs) == 1:  # a running process: the common record
+        return _RUN.pack(*runs[0])
+    return struct.pack(f"<{2 * len(runs)}I", *itertools.chain.from_iterable(runs))
 
 
 def encode_state(state: KeyState) -> bytes:
@@ -146,5 +149,7 @@ def decode_state(raw: bytes) -> KeyState:
 
 
 def _unpack_runs(raw: bytes, offset: int, n: int) -> tuple[tuple[int, int], ...]:
+    if n == 1:
+        return (_RUN.unpack_from(raw, offset),)
     flat = struct.unpack_from(f"<{2 * n}I", raw, offset)
     return tuple((flat[i], flat[i + 1]) for i in range(0, 2 * n, 2))
