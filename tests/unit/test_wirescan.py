@@ -307,3 +307,65 @@ def test_a_pure_decoder_never_calls_the_accelerator() -> None:
     assert Decoder([PARITY_RULE], accelerate=False)._scan is None
     assert (Decoder([PARITY_RULE])._scan is None) is not decode.ACCELERATED
     assert BOUNDS.oldest_ms < NOW < BOUNDS.newest_ms and RETENTION
+
+
+# -- classify: the per-resource loop -----------------------------------------------------------
+
+MINUTE = 29_000_000
+resource_state = st.tuples(
+    st.one_of(
+        st.none(),  # not durable
+        st.tuples(
+            st.sampled_from([MINUTE - 2, MINUTE - 1, MINUTE, MINUTE + 1]),  # the entry's minute
+            st.integers(0, 59_999),  # its floor within the minute
+            st.booleans(),  # tracked
+        ),
+    ),
+    st.booleans(),  # keys kept
+    st.booleans(),  # points
+)
+
+
+@SETTINGS
+@given(
+    st.lists(resource_state, max_size=24),
+    st.integers(0, 59_999),
+    st.booleans(),
+)
+def test_classify_decides_what_the_python_loop_decides(
+    states: list[tuple[tuple[int, int, bool] | None, bool, bool]],
+    earliest_offset: int,
+    one_timestamp: bool,
+) -> None:
+    from pathwatch.store.durable import DurableResources, encode
+
+    raws = [b"resource %d" % i for i in range(len(states))]
+    durable = DurableResources(1000)
+    durable.add(
+        (hash(raw), encode(minute * MINUTE_MS_ + floor, tracked), (b"\x00k%d" % i,) if kept else ())
+        for i, (raw, (entry, kept, _)) in enumerate(zip(raws, states, strict=True))
+        if entry is not None
+        for minute, floor, tracked in [entry]
+    )
+    with_points = bytes(int(points) for _, _, points in states)
+    earliest = MINUTE * MINUTE_MS_ + earliest_offset
+    previous = MINUTE - 1 if one_timestamp else -1
+    decoder = Decoder([PARITY_RULE], durable=durable, accelerate=False)
+    expected = decoder._classify_py(b"", raws, MINUTE, earliest, previous, with_points)
+    got = wirescan.classify(
+        raws, durable.entries, durable.kept_keys, MINUTE, earliest, previous, with_points
+    )
+    assert got == expected
+
+
+def test_classify_leaves_values_it_cannot_hold_to_python() -> None:
+    raws = [b"r"]
+    assert wirescan.classify(raws, {hash(b"r"): -3}, {}, 1, 1, 0, b"\x01") is NotImplemented
+    assert wirescan.classify(raws, {hash(b"r"): 2**70}, {}, 1, 1, 0, b"\x01") is NotImplemented
+    with pytest.raises(ValueError, match="one flag per resource"):
+        wirescan.classify(raws, {}, {}, 1, 1, 0, b"")
+    with pytest.raises(TypeError):
+        wirescan.classify(raws, {}, {})  # type: ignore[call-arg]
+
+
+MINUTE_MS_ = 60_000

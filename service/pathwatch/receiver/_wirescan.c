@@ -382,10 +382,134 @@ done:
     return result;
 }
 
+/* classify(resources, entries, keys, minute, earliest_ms, previous, with_points)
+ *   -> (tracked, new, extension) or None, or NotImplemented
+ *
+ * The per-resource loop of Decoder._known over what scan returned: each Resource's
+ * fingerprint (hash of its bytes) looked up in DurableResources' `entries` (fingerprint ->
+ * floor_ms * 2 + tracked) and `keys` (fingerprint -> the keys kept for extensions). A resource
+ * is tracked when its entry covers `minute` from `earliest_ms` on, extends when its entry's
+ * minute is `previous` and it has keys and points, and is new otherwise. Returns the tracked
+ * count, the new positions (ascending) and the extension's (fingerprint, keys) pairs; None
+ * when more than a quarter are new (the full path is cheaper); NotImplemented for an entry
+ * value this loop does not handle (negative or past 64 bits), which the Python loop then does.
+ */
+static PyObject *classify(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    enum { NEW = 0, TRACKED = 1, EXTENDING = 2 };
+    if (nargs != 7 || !PyList_Check(args[0]) || !PyDict_Check(args[1]) || !PyDict_Check(args[2]) ||
+        !PyBytes_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "classify(list, dict, dict, int, int, int, bytes) expected");
+        return NULL;
+    }
+    PyObject *raws = args[0], *entries = args[1], *keys = args[2];
+    long long minute = PyLong_AsLongLong(args[3]);
+    long long earliest = PyLong_AsLongLong(args[4]);
+    long long previous = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(raws);
+    if (PyBytes_GET_SIZE(args[6]) != n) {
+        PyErr_SetString(PyExc_ValueError, "with_points must hold one flag per resource");
+        return NULL;
+    }
+    const char *with_points = PyBytes_AS_STRING(args[6]);
+    Py_ssize_t limit = n / 4, n_new = 0, tracked = 0;
+    PyObject *result = NULL;
+    PyObject *fresh = PyList_New(0);
+    PyObject *extension = PyList_New(0);
+    char *kind = PyMem_Calloc((size_t)n + 1, 1);
+    PyObject **fingerprints = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    if (fresh == NULL || extension == NULL || kind == NULL || fingerprints == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_hash_t h = PyObject_Hash(PyList_GET_ITEM(raws, i));
+        if (h == -1 || (fingerprints[i] = PyLong_FromSsize_t(h)) == NULL)
+            goto done;
+        PyObject *value = PyDict_GetItemWithError(entries, fingerprints[i]); /* borrowed */
+        if (value == NULL && PyErr_Occurred())
+            goto done;
+        if (value != NULL) {
+            int overflow = 0;
+            long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+            if (v == -1 && PyErr_Occurred())
+                goto done;
+            if (overflow || v < 0) {
+                result = Py_NewRef(Py_NotImplemented);
+                goto done;
+            }
+            if (v & 1) {
+                long long floor_ms = v >> 1;
+                if (floor_ms / 60000 == minute && floor_ms <= earliest)
+                    kind[i] = TRACKED;
+                else if (floor_ms / 60000 == previous)
+                    kind[i] = EXTENDING;
+            }
+        }
+        if (kind[i] == NEW && ++n_new > limit) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (kind[i] == TRACKED) {
+            tracked++;
+        } else if (kind[i] == EXTENDING) {
+            /* Without kept keys or without points, an extending resource is new after all. */
+            PyObject *kept = PyDict_GetItemWithError(keys, fingerprints[i]); /* borrowed */
+            if (kept == NULL && PyErr_Occurred())
+                goto done;
+            if (kept == NULL || !with_points[i]) {
+                kind[i] = NEW;
+                n_new++;
+                continue;
+            }
+            PyObject *pair = PyTuple_Pack(2, fingerprints[i], kept);
+            int rc = pair == NULL ? -1 : PyList_Append(extension, pair);
+            Py_XDECREF(pair);
+            if (rc < 0)
+                goto done;
+            tracked++;
+        }
+    }
+    if (n_new > limit) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (kind[i] != NEW)
+            continue;
+        PyObject *index = PyLong_FromSsize_t(i);
+        int rc = index == NULL ? -1 : PyList_Append(fresh, index);
+        Py_XDECREF(index);
+        if (rc < 0)
+            goto done;
+    }
+    result = Py_BuildValue("(nOO)", tracked, fresh, extension);
+
+done:
+    if (fingerprints != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            Py_XDECREF(fingerprints[i]);
+    }
+    PyMem_Free(fingerprints);
+    PyMem_Free(kind);
+    Py_XDECREF(fresh);
+    Py_XDECREF(extension);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_O,
      "scan(data) -> (resources, names, times, values, lo, hi, with_points, spans) or None: one pass "
      "over an ExportMetricsServiceRequest for the receiver's fast path (see the module source)."},
+    {"classify", (PyCFunction)(void (*)(void))classify, METH_FASTCALL,
+     "classify(resources, entries, keys, minute, earliest_ms, previous, with_points) -> "
+     "(tracked, new, extension), None or NotImplemented: the fast path's per-resource loop."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -93,20 +93,21 @@ CLUSTER_FIELD: Final = "k8s.cluster.name"
 PURE_PYTHON_ENV: Final = "PATHWATCH_PURE_PYTHON"
 
 
-def _accelerator() -> Callable[[bytes], tuple[Any, ...] | None] | None:
-    """The C scan of the fast path (_wirescan.c), unless it was not built (no compiler where
-    pathwatch was installed) or PATHWATCH_PURE_PYTHON is set: both paths decide the same."""
+def _accelerator() -> Any:
+    """The C module of the fast path (_wirescan.c: `scan` and `classify`), unless it was not
+    built (no compiler where pathwatch was installed) or PATHWATCH_PURE_PYTHON is set: both
+    paths decide the same."""
     if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
         return None
     try:
-        from pathwatch.receiver._wirescan import scan
+        from pathwatch.receiver import _wirescan
     except ImportError:
         return None
-    return scan
+    return _wirescan
 
 
-_scan = _accelerator()
-ACCELERATED: Final = _scan is not None  # reported as pathwatch_build_info{accelerated}
+_wire = _accelerator()
+ACCELERATED: Final = _wire is not None  # reported as pathwatch_build_info{fast_path}
 
 
 class InvalidRequest(ValueError):
@@ -333,8 +334,10 @@ class Decoder:
         owns_cluster: Callable[[str], bool] | None = None,
         accelerate: bool = True,
     ) -> None:
-        # The C scan of the fast path when built (ACCELERATED); False: the views only.
-        self._scan = _scan if accelerate else None
+        # The C scan and loop of the fast path when built (ACCELERATED); False: Python only.
+        wire = _wire if accelerate else None
+        self._scan: Callable[[bytes], Any] | None = wire.scan if wire is not None else None
+        self._classify: Callable[..., Any] | None = wire.classify if wire is not None else None
         # Sharding: a resource of a cluster this shard does not own is refused whole
         # (not_owned), whatever its rules; None owns every cluster.
         self._owns_cluster = owns_cluster
@@ -569,28 +572,67 @@ class Decoder:
         ):
             return None
         earliest_ms = lo // 1_000_000
-        fingerprints = list(map(hash, raws))
-        values = list(map(self._durable.get, fingerprints))
-        result = DecodeResult()
-        new: list[int] = []
-        extending: list[int] = []
         # One timestamp for every point (the hostmetrics scrapers stamp a scrape once): then
         # a key's extension carries exactly its own first and last point.
         previous = minute - 1 if lo == hi else -1
+        durable = self._durable
+        classified: Any = NotImplemented
+        if self._classify is not None and with_points is not None:
+            classified = self._classify(
+                raws, durable.entries, durable.kept_keys, minute, earliest_ms, previous,
+                with_points,
+            )  # fmt: skip
+        if classified is NotImplemented:
+            classified = self._classify_py(data, raws, minute, earliest_ms, previous, with_points)
+        if classified is None:
+            return None  # mostly new processes: the full path is cheaper
+        tracked, new, resources = classified
+        result = DecodeResult()
+        if resources:
+            result.extension = Extension(earliest_ms, tuple(resources))
+        taken = self._take_new(data, raws, new, bounds, result, spans) if new else 0
+        if taken is None:
+            return None
+        result.points_accepted += points - taken
+        result.resources_tracked += tracked
+        return result
+
+    def _classify_py(
+        self,
+        data: bytes,
+        raws: Sequence[bytes],
+        minute: int,
+        earliest_ms: int,
+        previous: int,
+        with_points: bytes | None,
+    ) -> tuple[int, list[int], list[tuple[int, tuple[bytes, ...]]]] | None:
+        """Per Resource, by its DurableResources entry: tracked (durable for `minute` from
+        `earliest_ms` on), extending (durable for `previous`, with kept keys and points) or
+        new. Returns the tracked count (extensions included), the new positions (ascending)
+        and the extension's (fingerprint, keys) pairs; None when more than a quarter are new
+        or the ResourceMetrics cannot be lined up with `raws` (the full path decides). The
+        accelerator's `classify` does the same in C."""
+        assert self._durable is not None
+        fingerprints = list(map(hash, raws))
+        values = list(map(self._durable.get, fingerprints))
+        limit = len(values) // _MAX_NEW_SHARE
+        new: list[int] = []
+        extending: list[int] = []
         tracked = 0
         for i, value in enumerate(values):
             if value is None or not value & 1:
                 new.append(i)
-                if len(new) > len(values) // _MAX_NEW_SHARE:
-                    return None  # mostly new processes: the full path is cheaper
+                if len(new) > limit:
+                    return None
             elif covers(value, minute, earliest_ms):
                 tracked += 1
             elif (value >> 1) // 60_000 == previous:
                 extending.append(i)
             else:
                 new.append(i)
-                if len(new) > len(values) // _MAX_NEW_SHARE:
+                if len(new) > limit:
                     return None
+        resources: list[tuple[int, tuple[bytes, ...]]] = []
         if extending:
             # The flat view cannot tell a ResourceMetrics without points (no observation)
             # from one with points: the merged view, one list per ResourceMetrics, can.
@@ -599,25 +641,16 @@ class Decoder:
                 if with_points is None:
                     return None
             keys_of = self._durable.keys_of
-            resources = []
             for i in extending:
                 keys = keys_of(fingerprints[i])
                 if keys is None or not with_points[i]:
                     new.append(i)
                 else:
                     resources.append((fingerprints[i], keys))
-            if len(new) > len(values) // _MAX_NEW_SHARE:
+            if len(new) > limit:
                 return None
             new.sort()
-            if resources:
-                result.extension = Extension(earliest_ms, tuple(resources))
-                tracked += len(resources)
-        taken = self._take_new(data, raws, new, bounds, result, spans) if new else 0
-        if taken is None:
-            return None
-        result.points_accepted += points - taken
-        result.resources_tracked += tracked
-        return result
+        return tracked + len(resources), new, resources
 
     def _take_new(
         self,

@@ -46,6 +46,17 @@ class DurableResources:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def entries(self) -> dict[int, int]:
+        """fingerprint -> value: for the receiver's C loop (_wirescan.c), which reads it
+        holding the GIL. Not to be mutated outside `add` and `clear`."""
+        return self._entries
+
+    @property
+    def kept_keys(self) -> dict[int, tuple[bytes, ...]]:
+        """fingerprint -> the resource's keys (`keys_of`), for the same loop."""
+        return self._keys
+
     def add(self, entries: Iterable[Entry]) -> None:
         if self._capacity == 0:
             return
