@@ -21,6 +21,11 @@ keys come from the DurableResources entry, undecoded, and the store logs the new
 (store/extend.py). The full path reports which resources it saw in exactly one minute
 (`DecodeResult.marks`), for the writer to add once durable.
 
+Where it was built, the optional C accelerator (_wirescan.c) reads a request for the fast path
+in one pass over its wire bytes instead of the two views, and runs the per-resource loop; it
+answers exactly what the views answer and leaves any request not shaped like a collector's to
+them (ACCELERATED; PATHWATCH_PURE_PYTHON=1 switches it off).
+
 No input makes a process invisible without a reason the sender can read: metric names are read
 as bytes and a Resource that is not UTF-8 somewhere is read again through an all-bytes view, so
 invalid UTF-8 parses, and key fields that are not UTF-8 are kept with the offending bytes
