@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from bench.wire import varint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,15 +55,6 @@ def test_the_accelerator_is_in_use_unless_switched_off() -> None:
 
 
 # -- a protobuf encoder that can also write what no collector does ------------------------
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def field(number: int, wire: int, payload: bytes = b"") -> bytes:
