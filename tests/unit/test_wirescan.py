@@ -226,6 +226,12 @@ def test_truncated_or_corrupted_bytes_never_crash_or_disagree(
     check(bytes(corrupted))
 
 
+@SETTINGS
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_never_crash_or_disagree(data: bytes) -> None:
+    check(data)
+
+
 @pytest.mark.parametrize(
     ("data", "why"),
     [
