@@ -133,6 +133,27 @@ def index_writes(
         wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
 
 
+def activity_writes(
+    wb: Batch,
+    rule: str,
+    encoded_key: bytes,
+    hours: Iterable[int],
+    stored: PresenceHistory,
+    first_value: bytes,
+    index_floor: int,
+) -> None:
+    """The activity index entries for a key newly observed in `hours`: one per hour from
+    `index_floor` on that its stored history (`stored`) has no minute in. The value is
+    first_seen at write time (empty while the key holds untrusted minutes): a real
+    observation, so a key whose value lies in a baseline was observed there (see
+    active_except_first_seen)."""
+    for hour in hours:
+        if hour >= index_floor and not stored.observed(
+            hour * MINUTES_PER_HOUR, (hour + 1) * MINUTES_PER_HOUR
+        ):
+            wb.put(ks.activity_key(rule, hour, encoded_key), first_value)
+
+
 def _extended(
     old: KeyState | None, found: list[Pending], horizon: int, max_runs: int
 ) -> KeyState | None:
@@ -405,15 +426,11 @@ class FirstSeenStore:
             wb.put(rkey, encode_state(state))
             # The activity index skips a key by its first_seen only while it is trusted.
             first_value = ks.u64(first_ms) if not untrusted.runs else b""
-            index_floor = (now_min - ret.index_minutes) // MINUTES_PER_HOUR
-            stored_hist = stored.history if stored is not None else _NO_HISTORY
-            for hour in {m // MINUTES_PER_HOUR for m in [*minutes, *logged_minutes]}:
-                if hour >= index_floor and not stored_hist.observed(
-                    hour * MINUTES_PER_HOUR, (hour + 1) * MINUTES_PER_HOUR
-                ):
-                    # The value is first_seen at write time: a real observation, so a key
-                    # whose value lies in a baseline was observed there (see active_except...).
-                    wb.put(ks.activity_key(rule, hour, encoded_key), first_value)
+            activity_writes(
+                wb, rule, encoded_key, {m // MINUTES_PER_HOUR for m in [*minutes, *logged_minutes]},
+                stored.history if stored is not None else _NO_HISTORY, first_value,
+                (now_min - ret.index_minutes) // MINUTES_PER_HOUR,
+            )  # fmt: skip
             index_writes(wb, rule, encoded_key, stored, state, ret, now_min)
             staged.append((rule_key, rkey, state))
             if found:
@@ -589,7 +606,7 @@ class FirstSeenStore:
             try:
                 simple, rest = self._fold_extensions(chunk, retention, now_ms)
                 if rest:
-                    batch: ObservationBatch = {rule_key_of(item): Sighting() for item in rest}
+                    batch: ObservationBatch = {rule_key: Sighting() for rule_key in rest}
                     result = self.apply(
                         batch, retention, now_ms, watermarks=watermarks, folding=True
                     )
@@ -611,10 +628,10 @@ class FirstSeenStore:
 
     def _fold_extensions(
         self, chunk: Mapping[bytes, Pending], retention: Mapping[str, Retention], now_ms: int
-    ) -> tuple[int, list[bytes]]:
+    ) -> tuple[int, list[RuleKey]]:
         """Fold the keys of `chunk` whose logged minutes simply extend their record's last run
         (what logging them promised: the common case) in one commit of their own; returns how
-        many, and the others, for `apply`.
+        many, and the others' rule keys, for `apply`.
 
         Such a fold is the write `apply(folding=True)` makes, without its general machinery:
         the record's last run ends where the logged minutes start, they form one run, the key
@@ -623,14 +640,14 @@ class FirstSeenStore:
         no key and moves neither first_seen nor anything but the last run's end, last_seen,
         the activity hours it reaches and the expiry day (`index_writes`)."""
         lookup = self.pending.lookup
-        rest: list[bytes] = []
+        rest: list[RuleKey] = []
         candidates: list[tuple[bytes, RuleKey, bytes, KeyState | None, Retention]] = []
         missing: list[bytes] = []
         for item in chunk:
             rule_key = rule_key_of(item)
             ret = retention.get(rule_key[0])
             if ret is None:
-                rest.append(item)
+                rest.append(rule_key)
                 continue
             entry = self._cache.get(rule_key)
             if entry is not None:
@@ -651,22 +668,19 @@ class FirstSeenStore:
                     old = decode_state(raw)
             state = _extended(old, lookup(item), now_min - ret.horizon_minutes, ret.max_runs)
             if old is None or state is None:
-                rest.append(item)
+                rest.append(rule_key)
                 continue
             rule = rule_key[0]
             encoded_key = rkey[len(ks.record_prefix(rule)) :]
             wb.put(rkey, encode_state(state))
-            stored_end = old.history.runs[-1][1]
-            new_end = state.history.runs[-1][1]
-            index_floor = (now_min - ret.index_minutes) // MINUTES_PER_HOUR
-            first_value = ks.u64(state.first_seen_ms)
-            for hour in range(
-                stored_end // MINUTES_PER_HOUR, (new_end - 1) // MINUTES_PER_HOUR + 1
-            ):
-                if hour >= index_floor and not old.history.observed(
-                    hour * MINUTES_PER_HOUR, (hour + 1) * MINUTES_PER_HOUR
-                ):
-                    wb.put(ks.activity_key(rule, hour, encoded_key), first_value)
+            folded_hours = range(
+                old.history.runs[-1][1] // MINUTES_PER_HOUR,
+                (state.history.runs[-1][1] - 1) // MINUTES_PER_HOUR + 1,
+            )
+            activity_writes(
+                wb, rule, encoded_key, folded_hours, old.history, ks.u64(state.first_seen_ms),
+                (now_min - ret.index_minutes) // MINUTES_PER_HOUR,
+            )  # fmt: skip
             index_writes(wb, rule, encoded_key, old, state, ret, now_min)
             staged.append((rule_key, rkey, state))
             folded.append(item)
