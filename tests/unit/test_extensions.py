@@ -10,10 +10,13 @@ request), every read must see the same state, and once folded the records must b
 
 from __future__ import annotations
 
+import struct
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -279,8 +282,33 @@ def test_log_entries_round_trip_any_key(
     time_ms: int, keys: list[tuple[str, tuple[str, ...]]]
 ) -> None:
     """Fields holding NUL (valid UTF-8) or lone surrogates (escaped bytes) survive too."""
-    decoded_ms, items = decode_entry(encode_entry(time_ms, map(item_of, keys)))
+    decoded_ms, items = decode_entry(encode_entry(time_ms, list(map(item_of, keys))))
     assert (decoded_ms, [rule_key_of(i) for i in items]) == (time_ms, keys)
+
+
+def _entry_v1(time_ms: int, items: list[bytes]) -> bytes:
+    """A log entry as the first format wrote it: each item length-prefixed, zlib."""
+    body = b"".join(struct.pack(">H", len(item)) + item for item in items)
+    return struct.pack(">Q", time_ms) + zlib.compress(body, 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**63 - 1), st.lists(st.binary(max_size=300), max_size=40))
+def test_log_entries_of_the_first_format_still_decode(time_ms: int, items: list[bytes]) -> None:
+    """A log left by the previous version is replayed after an upgrade; both formats give
+    the same items, and the current one is what `encode_entry` writes."""
+    assert decode_entry(_entry_v1(time_ms, items)) == (time_ms, items)
+    current = encode_entry(time_ms, items)
+    assert current != _entry_v1(time_ms, items)
+    assert decode_entry(current) == (time_ms, items)
+
+
+def test_a_log_entry_whose_lengths_do_not_match_is_refused() -> None:
+    entry = encode_entry(5, [b"abc", b"de"])
+    body = zlib.decompress(entry[9:])
+    bad = entry[:9] + zlib.compress(body[:-1], 1)
+    with pytest.raises(ValueError, match="lengths"):
+        decode_entry(bad)
 
 
 class TestWriterFolds:

@@ -532,8 +532,14 @@ class FirstSeenStore:
             if not late:
                 resources = ext.resources
                 extended.extend((fp, value, ()) for fp, _ in resources)  # keys: kept as they are
+                # rule_of inlined: this runs for every key of every scrape at 60 s
                 logged.setdefault(time_ms, []).extend(
-                    [k for _, keys in resources for k in keys if rule_of(k) in rules]
+                    [
+                        k
+                        for _, keys in resources
+                        for k in keys
+                        if k[1 : k.index(b"\x00", 1)] in rules
+                    ]
                 )
                 continue
             for fingerprint, keys in ext.resources:
@@ -640,6 +646,8 @@ class FirstSeenStore:
         no key and moves neither first_seen nor anything but the last run's end, last_seen,
         the activity hours it reaches and the expiry day (`index_writes`)."""
         lookup = self.pending.lookup
+        cache = self._cache
+        prefixes = {rule: ks.record_prefix(rule) for rule in retention}
         rest: list[RuleKey] = []
         candidates: list[tuple[bytes, RuleKey, bytes, KeyState | None, Retention]] = []
         missing: list[bytes] = []
@@ -649,11 +657,11 @@ class FirstSeenStore:
             if ret is None:
                 rest.append(rule_key)
                 continue
-            entry = self._cache.get(rule_key)
+            entry = cache.get(rule_key)
             if entry is not None:
                 candidates.append((item, rule_key, entry[0], entry[1], ret))
                 continue
-            rkey = ks.record_key(rule_key[0], encode_key(rule_key[1]))
+            rkey = prefixes[rule_key[0]] + encode_key(rule_key[1])
             missing.append(rkey)
             candidates.append((item, rule_key, rkey, None, ret))
         loaded = dict(zip(missing, self._db.get_many(missing), strict=True)) if missing else {}
@@ -671,7 +679,7 @@ class FirstSeenStore:
                 rest.append(rule_key)
                 continue
             rule = rule_key[0]
-            encoded_key = rkey[len(ks.record_prefix(rule)) :]
+            encoded_key = rkey[len(prefixes[rule]) :]
             wb.put(rkey, encode_state(state))
             folded_hours = range(
                 old.history.runs[-1][1] // MINUTES_PER_HOUR,
@@ -686,8 +694,11 @@ class FirstSeenStore:
             folded.append(item)
         if staged:
             self._db.commit(wb)
+            # Only keys already cached are refreshed: a folded key's next minutes are logged,
+            # not written, so caching the others would only evict keys that `apply` reads.
             for rule_key, rkey, state in staged:
-                self._remember(rule_key, rkey, state)
+                if rule_key in cache:
+                    cache[rule_key] = (rkey, state)
             self.pending.discard(folded)
             self.keys_folded_short += len(staged)
         return len(staged), rest
