@@ -104,7 +104,8 @@ class Pipeline:
         if self.durable is not None:
             marks = [*result.marks, *applied.extension_marks]
             self.durable.add(self.store.durable_entries(marks, applied.states))
-            self.durable.add(applied.extended)
+            for value, fingerprints in applied.extended:
+                self.durable.refresh(fingerprints, value)
         return result
 
     def stored(self) -> dict[object, object]:
@@ -201,3 +202,19 @@ def test_a_scrape_with_one_new_process_decodes_only_that_one(tmp_path: Path) -> 
         assert not pipe.export(build(scrape(range(9)), 0)).batch
     finally:
         pipe.db.close()
+
+
+def test_refresh_sets_the_value_keeps_the_keys_and_stays_bounded() -> None:
+    """`refresh` is `add` of (fingerprint, value, ()) for each: the kept keys stay, refreshed
+    entries move to the young end, and past capacity the oldest half goes."""
+    durable = DurableResources(4)
+    durable.add([(1, 10, (b"k1",)), (2, 10, (b"k2",)), (3, 10, ())])
+    durable.refresh([1, 3], 20)
+    assert (durable.get(1), durable.keys_of(1)) == (20, (b"k1",))
+    assert (durable.get(3), durable.keys_of(3)) == (20, None)
+    assert (durable.get(2), durable.keys_of(2)) == (10, (b"k2",))
+    durable.refresh([4, 5], 30)  # five entries: 2 (the oldest) and 1 and 3 go
+    assert len(durable) <= 4
+    assert durable.get(2) is None and durable.keys_of(2) is None
+    assert durable.get(5) == 30
+    DurableResources(0).refresh([1], 5)  # keeps nothing, as add

@@ -115,7 +115,8 @@ class Pipeline:
         if self.durable is not None:
             marks = [*result.marks, *applied.extension_marks]
             self.durable.add(self.store.durable_entries(marks, applied.states))
-            self.durable.add(applied.extended)
+            for value, fingerprints in applied.extended:
+                self.durable.refresh(fingerprints, value)
         return result, applied.late_after_tick + applied.late_untrusted
 
     def stored(self) -> dict[object, object]:

@@ -15,13 +15,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from pathwatch.clock import MINUTE_MS, SystemClock
 from pathwatch.config.load import ConfigError, validate
 from pathwatch.config.model import Config, GrpcReceiverConfig, ReceiverConfig
-from pathwatch.observations import Mark, Sighting
+from pathwatch.observations import Extension, Mark, Sighting
 from pathwatch.receiver._accounting import write_durably
 from pathwatch.receiver.decode import DecodeResult
-from pathwatch.receiver.remote import Bridge, Channel, ChannelClosed, RemoteSink
+from pathwatch.receiver.remote import (
+    Bridge,
+    Channel,
+    ChannelClosed,
+    RemoteSink,
+    extension_value,
+)
 from pathwatch.rules.builtin import PARITY_RULE
 from pathwatch.store import Database, IngestWriter, Retention, WriterConfig
 from pathwatch.store.durable import DurableResources
+from pathwatch.store.extend import item_of
 from pathwatch.store.firstseen import FirstSeenStore
 from pathwatch.store.writer import WriteFailed
 from pathwatch.telemetry.metrics import Metrics, RetiredSamples, foreign_samples
@@ -86,9 +93,21 @@ class _Worker:
 
 @pytest.fixture
 def bridged(tmp_path: Path) -> Iterator[tuple[_Worker, IngestWriter, DurableResources]]:
+    yield from _bridged(tmp_path, 1000)
+
+
+@pytest.fixture
+def bridged_forgetful(tmp_path: Path) -> Iterator[tuple[_Worker, IngestWriter, DurableResources]]:
+    """The service process keeps no DurableResources entry at all."""
+    yield from _bridged(tmp_path, 0)
+
+
+def _bridged(
+    tmp_path: Path, capacity: int
+) -> Iterator[tuple[_Worker, IngestWriter, DurableResources]]:
     db = Database(str(tmp_path / "db"))
     store = FirstSeenStore(db)
-    durable = DurableResources(1000)
+    durable = DurableResources(capacity)
     retention = {RULE: Retention(horizon_minutes=31 * 1440)}
     writer = IngestWriter(
         store,
@@ -129,6 +148,64 @@ def test_a_durable_write_answers_the_worker_with_its_resources_entries(
     # The worker's fast path now knows the resource exactly as the service's does.
     assert durable.get(77) is not None
     assert worker.durable.get(77) == durable.get(77)
+
+
+KEY_2 = ("node-1", "prod", "node-1", "4243", "/tmp/y", "y")
+
+
+def _marked(minute: int) -> DecodeResult:
+    """Two resources (fingerprints 77 and 78) through the full path."""
+    t = minute * MINUTE_MS + 7_000
+    result = DecodeResult()
+    for fp, key in ((77, KEY), (78, KEY_2)):
+        result.batch[(RULE, key)] = Sighting({minute}, t, t)
+        result.marks.append(Mark(fp, minute, t, ((RULE, key),)))
+    return result
+
+
+def _extension(minute: int) -> DecodeResult:
+    """The same two resources' next minute, as the fast path hands it over."""
+    result = DecodeResult()
+    resources = ((77, (item_of((RULE, KEY)),)), (78, (item_of((RULE, KEY_2)),)))
+    result.extension = Extension(minute * MINUTE_MS + 7_000, resources)
+    return result
+
+
+def test_an_extension_answer_leaves_the_worker_with_the_services_entries(
+    bridged: tuple[_Worker, IngestWriter, DurableResources],
+) -> None:
+    """The answer to a logged minute lists no entry for its resources; the worker sets the
+    value they hold and keeps their keys: the same entries as the service's."""
+    worker, writer, durable = bridged
+    writer.start()
+    minute = SystemClock().now_ms() // MINUTE_MS - 5
+    for m in (minute, minute + 1):  # running: the entries keep the keys
+        assert write_durably(worker.sink, _marked(m), 10.0) == (False, "")
+    kept = {fp: worker.durable.keys_of(fp) for fp in (77, 78)}
+    assert all(kept.values())
+    extension = _extension(minute + 2)
+    assert write_durably(worker.sink, extension, 10.0) == (False, "")
+    assert extension.extension is not None
+    for fp in (77, 78):
+        assert durable.get(fp) == extension_value(extension.extension)
+        assert worker.durable.get(fp) == durable.get(fp)
+        assert worker.durable.keys_of(fp) == kept[fp]
+    assert writer.healthy
+
+
+def test_an_extension_the_service_holds_no_entry_for_leaves_the_worker_as_it_was(
+    bridged_forgetful: tuple[_Worker, IngestWriter, DurableResources],
+) -> None:
+    """Where the service process has no entry (evicted, or none kept), the answer says so
+    and the worker does not claim the new minute: its next scrape takes the full path."""
+    worker, writer, durable = bridged_forgetful
+    writer.start()
+    minute = SystemClock().now_ms() // MINUTE_MS - 5
+    worker.durable.add([(77, 1, (item_of((RULE, KEY)),)), (78, 1, (item_of((RULE, KEY_2)),))])
+    assert write_durably(worker.sink, _marked(minute), 10.0) == (False, "")
+    assert write_durably(worker.sink, _extension(minute + 1), 10.0) == (False, "")
+    assert durable.get(77) is None
+    assert worker.durable.get(77) == 1 and worker.durable.get(78) == 1
 
 
 def test_a_full_write_queue_is_overload_for_the_worker_too(

@@ -17,7 +17,14 @@ service answers that the write is durable: the guarantee is the same as in one p
 
 Messages, worker -> service: ("submit", seq, batch, marks, sender, extension),
 ("metrics", samples). Service -> worker: ("init", config, listen, name) once, ("done", seq,
-error, overloaded, entries), ("stop", grace_s).
+error, overloaded, entries, unlike), ("stop", grace_s).
+
+A durable write's answer carries the DurableResources entries of the batch's marks (with their
+keys), but not those of the extension's resources, which are the bulk of a minute-boundary
+scrape: each of those, once its minute is logged, holds the start of that minute and the keys
+the worker already keeps (`extension_value`); the answer lists only the fingerprints for which
+that is not so (`unlike`: minutes that went the full path, entries the service no longer has),
+with their entries among `entries` when it has one.
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
+from pathwatch.clock import MINUTE_MS
 from pathwatch.observations import Extension, Mark, ObservationBatch
+from pathwatch.store import durable as durable_values
 from pathwatch.store.durable import DurableResources, Entry
 from pathwatch.store.writer import Backpressure, BatchSink, Ticket, WriteFailed
 
@@ -44,6 +53,12 @@ log = structlog.get_logger(component="receiver")
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 30  # a decoded 64 MiB request stays far below; past it the peer is broken
 _REPLY_MARGIN_S = 5.0  # the service answers a batch at most this long after the worker gave up
+
+
+def extension_value(extension: Extension) -> int:
+    """The DurableResources value of an extension's resources once their minute is logged."""
+    minute_ms = extension.time_ms // MINUTE_MS * MINUTE_MS
+    return durable_values.encode(minute_ms, True)
 
 
 class ChannelClosed(Exception):
@@ -109,7 +124,8 @@ class RemoteSink:
     def __init__(self, channel: Channel, durable: DurableResources | None) -> None:
         self._channel = channel
         self._durable = durable
-        self._waiting: dict[int, Ticket] = {}
+        # seq -> the Export's ticket, and its extension's fingerprints and their value
+        self._waiting: dict[int, tuple[Ticket, tuple[int, ...], int]] = {}
         self._lock = threading.Lock()
         self._seq = itertools.count()
         self._closed: str | None = None
@@ -130,7 +146,11 @@ class RemoteSink:
                 ticket.finish(WriteFailed(self._closed))
                 return ticket
             seq = next(self._seq)
-            self._waiting[seq] = ticket
+            if extension is None:
+                self._waiting[seq] = (ticket, (), 0)
+            else:
+                fingerprints = tuple([fp for fp, _ in extension.resources])
+                self._waiting[seq] = (ticket, fingerprints, extension_value(extension))
         try:
             self._channel.send(("submit", seq, batch, list(marks), sender, extension))
         except ChannelClosed as exc:
@@ -139,13 +159,30 @@ class RemoteSink:
             ticket.finish(WriteFailed(f"the service process is unreachable: {exc}"))
         return ticket
 
-    def complete(self, seq: int, error: str | None, overloaded: bool, entries: list[Entry]) -> None:
+    def complete(
+        self,
+        seq: int,
+        error: str | None,
+        overloaded: bool,
+        entries: list[Entry],
+        unlike: list[int],
+    ) -> None:
         with self._lock:
-            ticket = self._waiting.pop(seq, None)
-        if self._durable is not None and entries:
-            self._durable.add(entries)  # before the ticket: the next scrape may use them
-        if ticket is None:
+            waiting = self._waiting.pop(seq, None)
+        if waiting is None:
+            if self._durable is not None and entries:
+                self._durable.add(entries)
             return
+        ticket, extended, value = waiting
+        # Before the ticket: the next scrape may use them.
+        if self._durable is not None and error is None:
+            if extended:
+                if unlike:
+                    skip = set(unlike)
+                    extended = tuple([fp for fp in extended if fp not in skip])
+                self._durable.refresh(extended, value)
+            if entries:
+                self._durable.add(entries)
         if error is None:
             ticket.finish(None)
         else:
@@ -156,8 +193,18 @@ class RemoteSink:
         with self._lock:
             self._closed = reason
             waiting, self._waiting = self._waiting, {}
-        for ticket in waiting.values():
+        for ticket, _, _ in waiting.values():
             ticket.finish(WriteFailed(reason))
+
+
+class _Waiting(NamedTuple):
+    """A batch the service took from a worker, until its answer is sent."""
+
+    seq: int
+    ticket: Ticket
+    marks: Sequence[Mark]
+    extension: Extension | None
+    deadline: float
 
 
 class Bridge:
@@ -182,9 +229,7 @@ class Bridge:
         self._on_metrics = on_metrics
         self._name = name
         # Bounded by the worker's own admission (one entry per Export it waits for).
-        self._pending: queue.SimpleQueue[tuple[int, Ticket, list[int], float] | None] = (
-            queue.SimpleQueue()
-        )
+        self._pending: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
 
     def serve(self) -> None:
         replier = threading.Thread(
@@ -220,39 +265,58 @@ class Bridge:
         except Backpressure as exc:
             self._reply(seq, str(exc), True, [])
             return
-        fingerprints = [m.fingerprint for m in marks]
-        if extension is not None:
-            fingerprints.extend(fp for fp, _ in extension.resources)
-        self._pending.put((seq, ticket, fingerprints, time.monotonic() + self._reply_wait))
+        self._pending.put(
+            _Waiting(seq, ticket, marks, extension, time.monotonic() + self._reply_wait)
+        )
 
     def _reply_loop(self) -> None:
         while True:
             item = self._pending.get()
             if item is None:
                 return
-            seq, ticket, fingerprints, deadline = item
-            if not ticket.wait(max(0.0, deadline - time.monotonic())):
+            seq = item.seq
+            ticket = item.ticket
+            if not ticket.wait(max(0.0, item.deadline - time.monotonic())):
                 self._reply(seq, "durable write did not finish in time", False, [])
             elif ticket.error is not None:
                 overloaded = isinstance(ticket.error, Backpressure)
                 self._reply(seq, str(ticket.error), overloaded, [])
             else:
-                self._reply(seq, None, False, self._entries(fingerprints))
+                self._reply(seq, None, False, *self._entries(item))
 
-    def _entries(self, fingerprints: list[int]) -> list[Entry]:
+    def _entries(self, item: _Waiting) -> tuple[list[Entry], list[int]]:
         """What the write made durable for these resources, as the service's own
-        DurableResources holds it (the writer filled it before completing the ticket)."""
+        DurableResources holds it (the writer filled it before completing the ticket): the
+        marks' entries, and the extension's resources that do not hold `extension_value`
+        (with their entries, when there are some)."""
         durable = self._durable
         if durable is None:
-            return []
+            return [], []
         entries: list[Entry] = []
-        for fp in fingerprints:
-            value = durable.get(fp)
+        for mark in item.marks:
+            value = durable.get(mark.fingerprint)
             if value is not None:
-                entries.append((fp, value, durable.keys_of(fp) or ()))
-        return entries
+                entries.append((mark.fingerprint, value, durable.keys_of(mark.fingerprint) or ()))
+        unlike: list[int] = []
+        if item.extension is not None:
+            expected = extension_value(item.extension)
+            get = durable.get
+            for fp, _ in item.extension.resources:
+                value = get(fp)
+                if value != expected:
+                    unlike.append(fp)
+                    if value is not None:
+                        entries.append((fp, value, durable.keys_of(fp) or ()))
+        return entries, unlike
 
-    def _reply(self, seq: int, error: str | None, overloaded: bool, entries: list[Entry]) -> None:
+    def _reply(
+        self,
+        seq: int,
+        error: str | None,
+        overloaded: bool,
+        entries: list[Entry],
+        unlike: list[int] | None = None,
+    ) -> None:
         # A worker gone meanwhile answered its Exports UNAVAILABLE when its channel closed.
         with contextlib.suppress(ChannelClosed):
-            self._channel.send(("done", seq, error, overloaded, entries))
+            self._channel.send(("done", seq, error, overloaded, entries, unlike or []))

@@ -72,6 +72,19 @@ class DurableResources:
                 data.pop(stale, None)
                 keys_of.pop(stale, None)
 
+    def refresh(self, fingerprints: Iterable[int], value: int) -> None:
+        """`add` of ``(fingerprint, value, ())`` for each: the keys kept for them stay. The
+        writer's (and a receiver worker's) hot path at a minute boundary: every extension
+        resource of a request gets the same value, the start of its new minute."""
+        if self._capacity == 0:
+            return
+        data = self._entries
+        for fingerprint in fingerprints:
+            data.pop(fingerprint, None)  # refreshed entries move to the young end
+            data[fingerprint] = value
+        if len(data) > self._capacity:
+            self.add(())
+
     def clear(self) -> None:
         self._entries.clear()
         self._keys.clear()

@@ -203,9 +203,11 @@ class ApplyResult:
     late_untrusted: int = 0
     late_after_tick: int = 0
     # Minutes logged instead of written (store/extend.py), and the DurableResources entries
-    # of their resources; extension resources that took the full path, as marks.
+    # of their resources (per extension: the value and the fingerprints that take it, their
+    # kept keys unchanged: `DurableResources.refresh`); extension resources that took the
+    # full path, as marks.
     keys_extended: int = 0
-    extended: tuple[durable.Entry, ...] = ()
+    extended: tuple[tuple[int, tuple[int, ...]], ...] = ()
     extension_marks: tuple[Mark, ...] = ()
 
 
@@ -281,7 +283,7 @@ class FirstSeenStore:
         # Per key, minutes known to have arrived on time (logged ones): never late.
         exempt: dict[RuleKey, set[int]] = {}
         logged: dict[int, list[bytes]] = {}
-        extended: list[durable.Entry] = []
+        extended: list[tuple[int, tuple[int, ...]]] = []
         extension_marks: list[Mark] = []
         if extensions:
             batch = self._split(batch, extensions, retention, now_ms, watermarks or {},
@@ -506,7 +508,7 @@ class FirstSeenStore:
         now_ms: int,
         watermarks: Mapping[str, int],
         logged: dict[int, list[bytes]],
-        extended: list[durable.Entry],
+        extended: list[tuple[int, tuple[int, ...]]],
         marks: list[Mark],
         exempt: dict[RuleKey, set[int]],
     ) -> ObservationBatch:
@@ -531,7 +533,7 @@ class FirstSeenStore:
             value = durable.encode(minute * MINUTE_MS, True)
             if not late:
                 resources = ext.resources
-                extended.extend((fp, value, ()) for fp, _ in resources)  # keys: kept as they are
+                extended.append((value, tuple([fp for fp, _ in resources])))
                 # rule_of inlined: this runs for every key of every scrape at 60 s
                 logged.setdefault(time_ms, []).extend(
                     [
@@ -542,9 +544,10 @@ class FirstSeenStore:
                     ]
                 )
                 continue
+            on_time: list[int] = []
             for fingerprint, keys in ext.resources:
                 if not any(rule_of(k) in late for k in keys):
-                    extended.append((fingerprint, value, ()))
+                    on_time.append(fingerprint)
                     logged.setdefault(time_ms, []).extend(k for k in keys if rule_of(k) in rules)
                     continue
                 if out is None:
@@ -556,6 +559,8 @@ class FirstSeenStore:
                     out[rk] = s
                     s.add(time_ms)
                 marks.append(Mark(fingerprint, minute, time_ms, rule_keys))
+            if on_time:
+                extended.append((value, tuple(on_time)))
         if out is None:
             out = batch
         if logged and out:

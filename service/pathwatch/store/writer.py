@@ -361,7 +361,8 @@ class IngestWriter:
                         result.states,
                     )
                 )
-                self._durable.add(result.extended)
+                for value, fingerprints in result.extended:
+                    self._durable.refresh(fingerprints, value)
             self._account(result)
             self._metrics.store_write_seconds.observe(self._clock.monotonic() - started)
         with self._cond:
