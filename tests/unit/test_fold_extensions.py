@@ -73,14 +73,23 @@ key_plan = st.tuples(stored_minutes, st.integers(0, 6), st.booleans())
 
 
 @settings(derandomize=True, database=None, deadline=None, max_examples=120)
-@given(st.lists(key_plan, min_size=1, max_size=4), st.integers(0, 20), st.integers(0, 5))
-@example([([0], 5, False)], 0, 0)
-@example([([-3, -1, 0], 6, True), ([-20, 0], 2, False)], 10, 3)
+@given(
+    st.lists(key_plan, min_size=1, max_size=4),
+    st.integers(0, 20),
+    st.integers(0, 5),
+    st.integers(0, 5),
+)
+@example([([0], 5, False)], 0, 0, 0)
+@example([([-3, -1, 0], 6, True), ([-20, 0], 2, False)], 10, 3, 0)
+@example([([-2, 0], 3, True)], 0, 0, 4)  # a stored run ends in an hour's first minute
 def test_the_short_fold_writes_what_the_general_fold_writes(
-    plans: list[tuple[list[int], int, bool]], lateness: int, fresh_after: int
+    plans: list[tuple[list[int], int, bool]], lateness: int, fresh_after: int, shift: int
 ) -> None:
+    """`shift` moves every minute later: stored runs then end before, at or after the
+    hour and day boundary four minutes after M0."""
+    m0 = M0 + shift
     ret = retention(lateness)
-    last_logged = M0 + max(n for _, n, _ in plans)
+    last_logged = m0 + max(n for _, n, _ in plans)
     now_ms = (last_logged + 1) * MINUTE_MS
     with tempfile.TemporaryDirectory() as tmp:
         stores = []
@@ -92,13 +101,13 @@ def test_the_short_fold_writes_what_the_general_fold_writes(
                 for (minutes, _, early), rule_key in zip(plans, KEYS, strict=False):
                     sighting = Sighting()
                     for m in minutes:
-                        sighting.add((M0 + m) * MINUTE_MS + 7_000)
+                        sighting.add((m0 + m) * MINUTE_MS + 7_000)
                     # Written `early`: on time; else at `now`: older minutes are untrusted.
-                    at = (M0 + 1) * MINUTE_MS if early else now_ms
+                    at = (m0 + 1) * MINUTE_MS if early else now_ms
                     store.apply({rule_key: sighting}, ret, at)
-                # Minutes logged after M0, one per key per minute; some after the cycle began.
-                for k in range(1, last_logged - M0 + 1):
-                    t = (M0 + k) * MINUTE_MS + 7_000
+                # Minutes logged after m0, one per key per minute; some after the cycle began.
+                for k in range(1, last_logged - m0 + 1):
+                    t = (m0 + k) * MINUTE_MS + 7_000
                     resources = tuple(
                         (i, (item_of(rk),))
                         for i, ((_, n, _), rk) in enumerate(zip(plans, KEYS, strict=False))

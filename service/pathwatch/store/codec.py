@@ -110,6 +110,29 @@ def encode_state(state: KeyState) -> bytes:
 
 
 _FIRST_SEEN = struct.Struct("<q")
+_U32_LE = struct.Struct("<I")
+
+
+def plain_record_bounds(raw: bytes) -> tuple[int, int, int, int, int] | None:
+    """(runs, first_seen, last_seen, first run's start, last run's end) of a version-1 record
+    that is exactly what `encode_state` writes for a key without untrusted minutes, read
+    without decoding it; None for any other value (the caller decodes those)."""
+    if len(raw) < _HEADER.size + 8 or raw[0] != RECORD_VERSION or raw[1] != 0:
+        return None
+    _, _, n, first, last = _HEADER.unpack_from(raw)
+    if n == 0 or len(raw) != _HEADER.size + 8 * n:
+        return None
+    (start,) = _U32_LE.unpack_from(raw, _HEADER.size)
+    (end,) = _U32_LE.unpack_from(raw, len(raw) - 4)
+    return n, first, last, start, end
+
+
+def with_last_run_end(raw: bytes, end: int, last_seen_ms: int) -> bytes:
+    """A record `plain_record_bounds` reads, its last run now ending at `end` and last_seen
+    `last_seen_ms`: byte for byte what `encode_state` writes for that state."""
+    return raw[:12] + _FIRST_SEEN.pack(last_seen_ms) + raw[_HEADER.size : -4] + _U32_LE.pack(end)
+
+
 _U16_LE = struct.Struct("<H")
 NO_TRUSTED_FIRST_SEEN = -1
 

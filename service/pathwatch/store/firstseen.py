@@ -35,6 +35,8 @@ from pathwatch.store.codec import (
     encode_key,
     encode_state,
     first_seen_of,
+    plain_record_bounds,
+    with_last_run_end,
 )
 from pathwatch.store.context import ContextIndex, LiveContext, checked_of, with_checked
 from pathwatch.store.db import Batch, Database, StoreError
@@ -166,15 +168,25 @@ def _extended(
     runs = old.history.runs
     if not runs or runs[0][0] < horizon or len(runs) > max(1, max_runs):
         return None
-    end = runs[-1][1]
-    first_ms, last_ms = old.first_seen_ms, old.last_seen_ms
-    for p in sorted(found, key=lambda p: p.a):
+    continued = _continued(runs[-1][1], old.first_seen_ms, old.last_seen_ms, found)
+    if continued is None:
+        return None
+    end, last_ms = continued
+    history = PresenceHistory((*runs[:-1], (runs[-1][0], end)))
+    return KeyState(old.first_seen_ms, last_ms, history, old.untrusted)
+
+
+def _continued(
+    end: int, first_ms: int, last_ms: int, found: list[Pending]
+) -> tuple[int, int] | None:
+    """The last run's new end and last_seen when the logged minutes `found` continue a last
+    run ending at `end` as one run and move no first_seen; None otherwise (`_extended`)."""
+    for p in sorted(found, key=lambda p: p.a) if len(found) > 1 else found:
         if p.more or p.a != end or p.first_ms < first_ms:
             return None
         end = p.b + 1
         last_ms = max(last_ms, p.last_ms)
-    history = PresenceHistory((*runs[:-1], (runs[-1][0], end)))
-    return KeyState(first_ms, last_ms, history, old.untrusted)
+    return end, last_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,7 +688,20 @@ class FirstSeenStore:
         folded: list[bytes] = []
         for item, rule_key, rkey, cached, ret in candidates:
             old = cached
-            if old is None and (raw := loaded.get(rkey)) is not None:
+            raw = loaded.get(rkey) if old is None else None
+            if raw is not None:
+                # A record that is not cached: extended in its bytes when it is a plain one
+                # (what the fold meets at 60 s: running processes, read from RocksDB).
+                bounds = plain_record_bounds(raw)
+                if bounds is not None:
+                    rule = rule_key[0]
+                    encoded_key = rkey[len(prefixes[rule]) :]
+                    if self._fold_plain(wb, rule, rkey, encoded_key, raw, bounds, lookup(item),
+                                        ret, now_min):  # fmt: skip
+                        folded.append(item)
+                    else:
+                        rest.append(rule_key)
+                    continue
                 with contextlib.suppress(RecordFormatError):  # else apply quarantines it
                     old = decode_state(raw)
             state = _extended(old, lookup(item), now_min - ret.horizon_minutes, ret.max_runs)
@@ -697,7 +722,7 @@ class FirstSeenStore:
             index_writes(wb, rule, encoded_key, old, state, ret, now_min)
             staged.append((rule_key, rkey, state))
             folded.append(item)
-        if staged:
+        if folded:
             self._db.commit(wb)
             # Only keys already cached are refreshed: a folded key's next minutes are logged,
             # not written, so caching the others would only evict keys that `apply` reads.
@@ -705,8 +730,44 @@ class FirstSeenStore:
                 if rule_key in cache:
                     cache[rule_key] = (rkey, state)
             self.pending.discard(folded)
-            self.keys_folded_short += len(staged)
-        return len(staged), rest
+            self.keys_folded_short += len(folded)
+        return len(folded), rest
+
+    @staticmethod
+    def _fold_plain(
+        wb: Batch,
+        rule: str,
+        rkey: bytes,
+        encoded_key: bytes,
+        raw: bytes,
+        bounds: tuple[int, int, int, int, int],
+        found: list[Pending],
+        ret: Retention,
+        now_min: int,
+    ) -> bool:
+        """`_extended` and the writes `_fold_extensions` makes for it, on a plain record's
+        bytes (`plain_record_bounds`) without decoding it; False when the short path does not
+        cover the key. The same bytes: the test compares the two databases."""
+        n, first_ms, last_ms, start, end = bounds
+        if not found or start < now_min - ret.horizon_minutes or n > max(1, ret.max_runs):
+            return False
+        continued = _continued(end, first_ms, last_ms, found)
+        if continued is None:
+            return False
+        new_end, new_last = continued
+        wb.put(rkey, with_last_run_end(raw, new_end, new_last))
+        # The stored history's last minute is end - 1 and every other run ends before it: an
+        # hour from end's on holds a stored minute only if it holds that one.
+        hours = range(end // MINUTES_PER_HOUR, (new_end - 1) // MINUTES_PER_HOUR + 1)
+        activity_writes(
+            wb, rule, encoded_key, hours, PresenceHistory(((end - 1, end),)), ks.u64(first_ms),
+            (now_min - ret.index_minutes) // MINUTES_PER_HOUR,
+        )  # fmt: skip
+        # index_writes: no run starts, so no onset; the expiry day when last_seen's moves.
+        last_day = new_last // (MINUTES_PER_DAY * MINUTE_MS)
+        if last_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
+            wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
+        return True
 
     def fold_all(self, retention: Mapping[str, Retention], now_ms: int) -> None:
         """Fold everything logged so far (before reading records behind the store's back)."""
