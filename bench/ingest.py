@@ -7,6 +7,10 @@ the service stopped, the parse-only baseline runs on the same core the service h
 
 from __future__ import annotations
 
+import json
+import select
+import subprocess
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -18,7 +22,7 @@ from bench.children import Event, run_child
 from bench.otlp import HOUR_MS
 from bench.profile import Recording, record
 from bench.progress import count, megabytes, say
-from bench.service import Cpus, ServiceUnderTest
+from bench.service import Cpus, ServiceUnderTest, child_env, pinned
 from bench.settings import Settings
 from bench.workload import Fleet, FleetSpec
 
@@ -37,6 +41,9 @@ class IngestResult:
     service_hwm: int
     head_start_s: float
     profile: list[tuple[str, float]] = field(default_factory=list)
+    # The receive-only baseline (bench.receive): the fleet's figures against a gRPC server
+    # that acknowledges without decoding; None where it was not run.
+    receive: Event | None = None
 
 
 def fleet_spec(settings: Settings) -> FleetSpec:
@@ -142,6 +149,7 @@ def run_ingest(
             service.kill()
     if parse is not None:
         return _result(fleet, parse, spec, sample, mem, started_ms, profile)
+    receive = run_receive_only(settings, spec)
     say(
         "parse",
         f"parse-only baseline on core {settings.service_cpu}: ExportMetricsServiceRequest."
@@ -158,7 +166,68 @@ def run_ingest(
         timeout=300 + settings.parse_seconds,
     )
     say("parse", f"{count(parse['resources_per_s'])} resources/s parsed")
-    return _result(fleet, parse, spec, sample, mem, started_ms, profile)
+    result = _result(fleet, parse, spec, sample, mem, started_ms, profile)
+    result.receive = receive
+    return result
+
+
+_RECEIVE_S = 30.0  # measured seconds of the receive-only baseline (at least; whole minutes)
+_READY_S = 30.0
+
+
+def run_receive_only(settings: Settings, spec: FleetSpec) -> Event:
+    """The load generator's fleet against bench.receive on the service's core: resources
+    acknowledged per CPU-second of a gRPC server that does nothing else (the floor of the
+    service's own cost: receiving, framing, gzip)."""
+    say(
+        "receive",
+        f"receive-only baseline on core {settings.service_cpu}: the same fleet against a gRPC "
+        f"server that acknowledges without decoding, {_RECEIVE_S:.0f} s",
+    )
+    argv = pinned(settings.service_cpu, [sys.executable, "-m", "bench.receive"])
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(), text=True
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], _READY_S)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"bench.receive did not start within {_READY_S:.0f} s")
+        port = json.loads(line)["port"]
+        job = {
+            "target": f"127.0.0.1:{port}",
+            "source": "fleet",
+            "spec": spec.to_json(),
+            "concurrency": settings.concurrency,
+            "channels": settings.channels,
+            "warmup_s": settings.warmup_s,
+            "duration_s": min(settings.duration_s, _RECEIVE_S),
+            "extra_s": 0.0,
+            "service_pid": proc.pid,
+            "progress_s": 5.0,
+        }
+        fleet = run_child(
+            "bench.loadgen",
+            job,
+            settings.loadgen_cpu,
+            timeout=600 + settings.warmup_s + _RECEIVE_S,
+            on_event=lambda event: None,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    per_cpu = fleet["resources_per_s"] / max(fleet["service_cpu"], 1e-9)
+    say(
+        "receive",
+        f"{count(fleet['resources_per_s'])} resources/s acknowledged at "
+        f"{fleet['service_cpu']:.2f} cores: {count(per_cpu)} per CPU-second",
+    )
+    return fleet
 
 
 def _cores(cpus: Cpus) -> str:

@@ -70,6 +70,21 @@ def _s(value: float) -> str:
     return f"{value:.3f} s"
 
 
+def _receive_rows(receive: dict[str, Any] | None, per_cpu: float, parse: float) -> list[Row]:
+    """The receive-only baseline (bench.receive): what gRPC alone costs per resource."""
+    if receive is None:
+        return []
+    floor = receive["resources_per_s"] / max(receive["service_cpu"], 1e-9)
+    return [
+        Row("   receive-only: per CPU-second of a gRPC server acknowledging without decoding",
+            f"{_n(floor)} ({_n(receive['resources_per_s'])}/s at "
+            f"{receive['service_cpu']:.2f} cores)"),
+        Row("   receive-only / parse-only: the most the ratio above can reach with grpcio",
+            f"{floor / parse:.1%}"),
+        Row("   ingest / receive-only, per service CPU-second", f"{per_cpu / floor:.1%}"),
+    ]  # fmt: skip
+
+
 def rows(
     settings: Settings,
     ingest: IngestResult,
@@ -93,6 +108,7 @@ def rows(
             _n(parse["resources_per_s"])),
         Row("   ingest / parse-only: measured, per service CPU-second",
             f"{ratio:.1%} / {cpu_ratio:.1%}", ">= 50%", _verdict(cpu_ratio >= 0.5)),
+        *_receive_rows(ingest.receive, per_cpu, parse["resources_per_s"]),
         Row("   data points/s acknowledged", _n(fleet["points_per_s"])),
         Row(f"   Export latency p50 / p99 ({settings.concurrency} in flight)",
             f"{fleet['latency_p50_ms']:.0f} / {fleet['latency_p99_ms']:.0f} ms"),
