@@ -130,8 +130,17 @@ def index_writes(
             onsets = set(new_onsets(old_hist, state.history, gap, floor))
         for minute in onsets:
             wb.put(ks.onset_key(rule, minute, encoded_key), b"")
-    last_day = state.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS)
-    if old is None or old.last_seen_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
+    expiry_write(wb, rule, encoded_key, None if old is None else old.last_seen_ms,
+                 state.last_seen_ms)  # fmt: skip
+
+
+def expiry_write(
+    wb: Batch, rule: str, encoded_key: bytes, old_last_ms: int | None, last_ms: int
+) -> None:
+    """The expiry index entry of a key whose last_seen moved from `old_last_ms` (None: a new
+    key) to `last_ms`: one per day its last_seen reaches."""
+    last_day = last_ms // (MINUTES_PER_DAY * MINUTE_MS)
+    if old_last_ms is None or old_last_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
         wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
 
 
@@ -764,9 +773,7 @@ class FirstSeenStore:
             (now_min - ret.index_minutes) // MINUTES_PER_HOUR,
         )  # fmt: skip
         # index_writes: no run starts, so no onset; the expiry day when last_seen's moves.
-        last_day = new_last // (MINUTES_PER_DAY * MINUTE_MS)
-        if last_ms // (MINUTES_PER_DAY * MINUTE_MS) != last_day:
-            wb.put(ks.expiry_key(rule, last_day, encoded_key), b"")
+        expiry_write(wb, rule, encoded_key, last_ms, new_last)
         return True
 
     def fold_all(self, retention: Mapping[str, Retention], now_ms: int) -> None:
