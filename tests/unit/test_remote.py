@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from pathwatch.store import Database, IngestWriter, Retention, WriterConfig
 from pathwatch.store.durable import DurableResources
 from pathwatch.store.extend import item_of
 from pathwatch.store.firstseen import FirstSeenStore
-from pathwatch.store.writer import WriteFailed
+from pathwatch.store.writer import Ticket, WriteFailed
 from pathwatch.telemetry.metrics import Metrics, RetiredSamples, foreign_samples
 
 RULE = PARITY_RULE.id
@@ -66,6 +67,99 @@ def test_channel_refuses_an_oversized_or_truncated_frame() -> None:
         Channel(b).recv()
     a.close()
     b.close()
+
+
+def test_post_never_blocks_on_a_peer_that_stopped_reading_and_keeps_frames_in_order() -> None:
+    """The service's writer answers workers with `post`: a worker that stops reading must not
+    stall it. What the socket cannot take waits, in order and whole, until the peer reads."""
+    ours, theirs = _pair()
+    blob = b"x" * 100_000  # a few frames fill the socket pair's buffers
+    count = 40
+    posted = threading.Event()
+
+    def post_all() -> None:
+        for i in range(count):
+            ours.post(("done", i, blob))
+        ours.send(("stop", 1.0))  # a blocking send queues behind them, never in between
+        posted.set()
+
+    threading.Thread(target=post_all, daemon=True).start()
+    assert posted.wait(10), "post blocked on a peer that is not reading"
+    received = [theirs.recv() for _ in range(count + 1)]
+    assert received == [("done", i, blob) for i in range(count)] + [("stop", 1.0)]
+    ours.close()
+    theirs.close()
+
+
+def test_post_to_a_closed_peer_is_channel_closed() -> None:
+    ours, theirs = _pair()
+    theirs.close()
+    with pytest.raises(ChannelClosed):
+        for _ in range(100):  # the first frames may still fit the dead socket's buffer
+            ours.post(("done", 1, b"y" * 100_000))
+    ours.close()
+
+
+def test_ticket_callbacks_run_once_on_finish_or_at_once_when_finished() -> None:
+    ticket = Ticket(1)
+    calls: list[str] = []
+    ticket.add_done_callback(lambda: calls.append("early"))
+    assert calls == []
+    ticket.finish(None)
+    assert calls == ["early"]
+    ticket.add_done_callback(lambda: calls.append("late"))
+    assert calls == ["early", "late"]
+    assert ticket.wait(0)
+
+
+class _StuckSink:
+    """A sink whose writes never finish (a disk that hangs)."""
+
+    def __init__(self) -> None:
+        self.tickets: list[Ticket] = []
+
+    def submit(
+        self,
+        batch: object,
+        marks: object = (),
+        sender: str = "",
+        extension: object = None,
+    ) -> Ticket:
+        ticket = Ticket(1)
+        self.tickets.append(ticket)
+        return ticket
+
+
+def test_a_write_that_never_finishes_is_answered_failed_in_time_and_its_late_end_dropped() -> None:
+    """The worker's pending batch is answered as failed once the wait is over (its Export
+    was answered UNAVAILABLE meanwhile), so nothing stays waiting on either side; when the
+    write finishes after all, no second answer is sent."""
+    ours, theirs = _pair()
+    sink = _StuckSink()
+    bridge = Bridge(ours, sink, None, 0.0, lambda samples: None, "grpc-worker-1")
+    serving = threading.Thread(target=bridge.serve, daemon=True)
+    serving.start()
+    theirs.send(("submit", 5, {}, [], "", None))
+    theirs.settimeout(15)
+    answer = theirs.recv()
+    assert answer[:4] == ("done", 5, "durable write did not finish in time", False)
+    sink.tickets[0].finish(None)  # too late: dropped
+    theirs.send(("submit", 6, {}, [], "", None))
+    sink_ticket = _wait_for_ticket(sink, 2)
+    sink_ticket.finish(None)
+    assert theirs.recv() == ("done", 6, None, False, [], [])
+    theirs.close_sending()
+    serving.join(10)
+    assert not serving.is_alive()
+    ours.close()
+    theirs.close()
+
+
+def _wait_for_ticket(sink: _StuckSink, n: int) -> Ticket:
+    deadline = time.monotonic() + 10
+    while len(sink.tickets) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sink.tickets[n - 1]
 
 
 class _Worker:

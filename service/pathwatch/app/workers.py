@@ -153,7 +153,7 @@ class GrpcWorkers:
         for w in self._workers:
             if w.channel is not None:
                 with contextlib.suppress(ChannelClosed):
-                    w.channel.send(("stop", grace))
+                    w.channel.post(("stop", grace))  # never blocks on a stuck worker
         deadline = time.monotonic() + grace + _EXIT_WAIT_S
         for w in self._workers:
             if w.process is None:

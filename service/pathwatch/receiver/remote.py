@@ -14,6 +14,9 @@ service answers that the write is durable: the guarantee is the same as in one p
 - `Bridge` (service side) serves one worker: submits its batches to the real sink (the
   IngestWriter) and answers each once durable (or failed), with the DurableResources entries
   the write produced for the batch's resources, so the worker's fast path knows them too.
+  The answer leaves from the writer's own thread right after the commit (the ticket's
+  callback, `Channel.post`: never blocking, a stuck worker's answers queue), not from a
+  thread woken per batch: each wake-up under the GIL cost more CPU than the answer itself.
 
 Messages, worker -> service: ("submit", seq, batch, marks, sender, extension),
 ("metrics", samples). Service -> worker: ("init", config, listen, name) once, ("done", seq,
@@ -30,13 +33,14 @@ with their entries among `entries` when it has one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import pickle
-import queue
 import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -53,6 +57,7 @@ log = structlog.get_logger(component="receiver")
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 30  # a decoded 64 MiB request stays far below; past it the peer is broken
 _REPLY_MARGIN_S = 5.0  # the service answers a batch at most this long after the worker gave up
+_WATCH_EVERY_S = 1.0  # how often a Bridge looks for batches not answered in time
 
 
 def extension_value(extension: Extension) -> int:
@@ -72,15 +77,72 @@ class Channel:
         self._sock = sock
         self._reader = sock.makefile("rb", buffering=1 << 16)
         self._send_lock = threading.Lock()
+        # Frames `post` could not hand to the socket at once, in order, and whether a thread
+        # is writing them (then every frame queues behind them: frames never interleave).
+        self._backlog: deque[bytes] = deque()
+        self._flushing = False
+        self._broken: str | None = None
+
+    @staticmethod
+    def _frame(message: object) -> bytes:
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        return _HEADER.pack(len(payload)) + payload
 
     def send(self, message: object) -> None:
-        """Raises ChannelClosed when the peer is gone."""
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        """Blocks until the socket took the whole frame (or, behind frames `post` queued, until
+        it is queued after them). Raises ChannelClosed when the peer is gone."""
+        frame = self._frame(message)
         try:
             with self._send_lock:
-                self._sock.sendall(_HEADER.pack(len(payload)) + payload)
+                if self._broken is not None:
+                    raise ChannelClosed(self._broken)
+                if self._flushing:
+                    self._backlog.append(frame)
+                    return
+                self._sock.sendall(frame)
         except OSError as exc:
             raise ChannelClosed(f"cannot send: {exc}") from exc
+
+    def post(self, message: object) -> None:
+        """Send without ever blocking the caller (the service's writer thread answers workers
+        with it): what the socket does not take at once is queued, in order, and written by
+        a short-lived thread. A peer that stopped reading holds at most one frame per batch it
+        is waiting for. Raises ChannelClosed when the peer is gone."""
+        frame = self._frame(message)
+        with self._send_lock:
+            if self._broken is not None:
+                raise ChannelClosed(self._broken)
+            if self._flushing:
+                self._backlog.append(frame)
+                return
+            try:
+                sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._broken = f"cannot send: {exc}"
+                raise ChannelClosed(self._broken) from exc
+            if sent == len(frame):
+                return
+            self._backlog.append(frame[sent:])
+            self._flushing = True
+        threading.Thread(target=self._flush, name="pathwatch-channel-flush", daemon=True).start()
+
+    def _flush(self) -> None:
+        while True:
+            with self._send_lock:
+                if not self._backlog:
+                    self._flushing = False
+                    return
+                frame = self._backlog.popleft()
+            try:
+                self._sock.sendall(frame)  # outside the lock: `post` queues meanwhile
+            except OSError as exc:
+                with self._send_lock:
+                    self._broken = f"cannot send: {exc}"
+                    self._backlog.clear()
+                    self._flushing = False
+                return
 
     def recv(self) -> Any:
         """The next message, or None once the peer closed its end."""
@@ -210,8 +272,10 @@ class _Waiting(NamedTuple):
 class Bridge:
     """Service side of one worker's channel: `serve` returns once the worker closed it.
 
-    Each batch goes to `sink` at once (Backpressure is answered at once); a reply thread waits
-    for the tickets in order and answers each within `reply_wait_s` of its arrival."""
+    Each batch goes to `sink` at once (Backpressure is answered at once). The answer is sent
+    by the ticket's callback, on the thread that finished it (the writer's, right after the
+    commit: `Channel.post` never blocks it); a batch not finished `reply_wait_s` after its
+    arrival is answered as failed by a watchdog thread, and its late completion dropped."""
 
     def __init__(
         self,
@@ -228,14 +292,17 @@ class Bridge:
         self._reply_wait = reply_wait_s + _REPLY_MARGIN_S
         self._on_metrics = on_metrics
         self._name = name
-        # Bounded by the worker's own admission (one entry per Export it waits for).
-        self._pending: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        # Batches submitted and not answered yet, by seq. Bounded by the worker's own
+        # admission (one entry per Export it waits for).
+        self._open: dict[int, _Waiting] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     def serve(self) -> None:
-        replier = threading.Thread(
-            target=self._reply_loop, name=f"pathwatch-{self._name}-replies", daemon=True
+        watchdog = threading.Thread(
+            target=self._watch, name=f"pathwatch-{self._name}-watchdog", daemon=True
         )
-        replier.start()
+        watchdog.start()
         try:
             while True:
                 message = self._channel.recv()
@@ -249,8 +316,9 @@ class Bridge:
                 else:
                     raise ChannelClosed(f"unexpected message {kind!r} from {self._name}")
         finally:
-            self._pending.put(None)
-            replier.join(self._reply_wait)
+            self._wait_answered(self._reply_wait)
+            self._closed.set()
+            watchdog.join(self._reply_wait)
 
     def _submit(
         self,
@@ -265,24 +333,41 @@ class Bridge:
         except Backpressure as exc:
             self._reply(seq, str(exc), True, [])
             return
-        self._pending.put(
-            _Waiting(seq, ticket, marks, extension, time.monotonic() + self._reply_wait)
-        )
+        item = _Waiting(seq, ticket, marks, extension, time.monotonic() + self._reply_wait)
+        with self._lock:
+            self._open[seq] = item
+        ticket.add_done_callback(functools.partial(self._finished, item))
 
-    def _reply_loop(self) -> None:
-        while True:
-            item = self._pending.get()
-            if item is None:
+    def _finished(self, item: _Waiting) -> None:
+        """The ticket's callback: answer the batch, unless the watchdog did already."""
+        with self._lock:
+            if self._open.pop(item.seq, None) is None:
                 return
-            seq = item.seq
-            ticket = item.ticket
-            if not ticket.wait(max(0.0, item.deadline - time.monotonic())):
+        error = item.ticket.error
+        if error is not None:
+            self._reply(item.seq, str(error), isinstance(error, Backpressure), [])
+        else:
+            self._reply(item.seq, None, False, *self._entries(item))
+
+    def _watch(self) -> None:
+        while not self._closed.wait(_WATCH_EVERY_S):
+            now = time.monotonic()
+            with self._lock:
+                late = [seq for seq, item in self._open.items() if item.deadline <= now]
+                for seq in late:
+                    del self._open[seq]
+            for seq in late:
                 self._reply(seq, "durable write did not finish in time", False, [])
-            elif ticket.error is not None:
-                overloaded = isinstance(ticket.error, Backpressure)
-                self._reply(seq, str(ticket.error), overloaded, [])
-            else:
-                self._reply(seq, None, False, *self._entries(item))
+
+    def _wait_answered(self, timeout: float) -> None:
+        """After the worker closed its end: give the batches it sent time to be answered (a
+        worker that is stopping still reads its answers)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._open:
+                    return
+            time.sleep(0.01)
 
     def _entries(self, item: _Waiting) -> tuple[list[Entry], list[int]]:
         """What the write made durable for these resources, as the service's own
@@ -319,4 +404,4 @@ class Bridge:
     ) -> None:
         # A worker gone meanwhile answered its Exports UNAVAILABLE when its channel closed.
         with contextlib.suppress(ChannelClosed):
-            self._channel.send(("done", seq, error, overloaded, entries, unlike or []))
+            self._channel.post(("done", seq, error, overloaded, entries, unlike or []))

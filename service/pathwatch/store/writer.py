@@ -84,12 +84,15 @@ class _Job:
 
 
 class Ticket:
-    """Completion of one submitted batch: `wait` returns once it is durable or failed."""
+    """Completion of one submitted batch: `wait` returns once it is durable or failed, and
+    callbacks added with `add_done_callback` run then, on the thread that finished it."""
 
-    __slots__ = ("_done", "error", "size")
+    __slots__ = ("_callbacks", "_done", "_lock", "error", "size")
 
     def __init__(self, size: int) -> None:
         self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = []
         self.error: Exception | None = None
         self.size = size
 
@@ -97,10 +100,27 @@ class Ticket:
         """True when finished within `timeout` seconds (check `error`), False when still pending."""
         return self._done.wait(timeout)
 
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once finished: at once when it is, else on the thread that
+        finishes it (the writer's: keep it short and never blocking)."""
+        with self._lock:
+            callbacks = self._callbacks
+            if callbacks is not None:
+                callbacks.append(callback)
+                return
+        callback()
+
     def finish(self, error: Exception | None) -> None:
         """Complete the ticket (`error` None: durable). Called once, by whoever wrote it."""
         self.error = error
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks, None
         self._done.set()
+        for callback in callbacks or ():
+            try:
+                callback()
+            except Exception:  # one waiter's bug must not keep the others waiting
+                log.exception("ticket callback failed")
 
 
 class BatchSink(Protocol):
