@@ -94,14 +94,20 @@ class Channel:
         frame = self._frame(message)
         try:
             with self._send_lock:
-                if self._broken is not None:
-                    raise ChannelClosed(self._broken)
-                if self._flushing:
-                    self._backlog.append(frame)
-                    return
-                self._sock.sendall(frame)
+                if not self._queued(frame):
+                    self._sock.sendall(frame)
         except OSError as exc:
             raise ChannelClosed(f"cannot send: {exc}") from exc
+
+    def _queued(self, frame: bytes) -> bool:
+        """Under the send lock: queue `frame` behind frames still being flushed (True), or
+        leave it to the caller to write now (False). Raises ChannelClosed when broken."""
+        if self._broken is not None:
+            raise ChannelClosed(self._broken)
+        if self._flushing:
+            self._backlog.append(frame)
+            return True
+        return False
 
     def post(self, message: object) -> None:
         """Send without ever blocking the caller (the service's writer thread answers workers
@@ -110,10 +116,7 @@ class Channel:
         is waiting for. Raises ChannelClosed when the peer is gone."""
         frame = self._frame(message)
         with self._send_lock:
-            if self._broken is not None:
-                raise ChannelClosed(self._broken)
-            if self._flushing:
-                self._backlog.append(frame)
+            if self._queued(frame):
                 return
             try:
                 sent = self._sock.send(frame, socket.MSG_DONTWAIT)
